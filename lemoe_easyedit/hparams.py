@@ -1,0 +1,196 @@
+"""``LEMoEHyperParams``: the method's configuration, loaded from YAML like any EasyEdit method."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
+
+import yaml
+
+from .compat import load_easyeditor
+
+load_easyeditor()
+from easyeditor.util.hparams import HyperParams  # noqa: E402  (needs the compat layer first)
+
+EXPERT_FORMS = ("ffn", "lora")
+EXPERT_INITS = ("copy", "random")
+ROUTERS = ("learned", "anchor")
+QUERY_POOLS = ("prefix_mean", "token")
+KEY_INITS = ("random", "centroid")
+
+#: Where the YAML files of this repository live (found by name, e.g. "tiny-llama").
+HPARAMS_DIR = Path(__file__).resolve().parent.parent / "hparams" / "LEMoE"
+
+
+@dataclass
+class LEMoEHyperParams(HyperParams):
+    """Hyper-parameters of LEMoE (Wang & Li, EMNLP 2024) plus this project's extensions.
+
+    Paper values: ``layer`` 18 of 32 for 7B models, AdamW with ``lr`` 2e-4, ``top_k`` 1,
+    ``expert_scale`` (lambda) 1, ``edits_per_expert`` 200 (five experts for T=1000).
+    Every field is validated in ``__post_init__``; a bad value raises ValueError naming it.
+    """
+
+    # EasyEdit's fields, read by BaseEditor and the metric functions.
+    model_name: Any
+    alg_name: str = "LEMoE"
+    device: Union[int, str] = 0
+    model_parallel: bool = False
+    max_length: int = 40
+    batch_size: int = 1
+
+    # Module insertion.
+    layer: int = 18
+    expert_form: str = "ffn"
+    expert_width: Optional[int] = None
+    expert_init: str = "copy"
+    lora_rank: int = 8
+    expert_scale: float = 1.0
+
+    # Routing.
+    top_k: int = 1
+    router: str = "learned"
+    query_pool: str = "prefix_mean"
+    router_dim: int = 64
+    key_init: str = "centroid"
+    route_loss_weight: float = 1.0
+    route_lr: float = 1e-2
+    route_steps: int = 200
+    locality_guard: bool = True
+    guard_threshold: float = 0.9
+
+    # Batches, order and training.
+    edits_per_expert: int = 200
+    max_experts: Optional[int] = None
+    order_planning: bool = True
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    max_steps: int = 200
+    loss_threshold: float = 0.01
+    train_batch_size: int = 16
+    seed: int = 0
+
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check(self.alg_name == "LEMoE", "alg_name", self.alg_name, "must be 'LEMoE'")
+        _check(isinstance(self.model_name, (str, tuple, list)), "model_name", self.model_name,
+               "must be a model path or name")
+        _check(_is_int(self.max_length) and self.max_length > 0, "max_length", self.max_length,
+               "must be a positive integer")
+        _check(_is_int(self.batch_size) and self.batch_size > 0, "batch_size", self.batch_size,
+               "must be a positive integer")
+        _check(_is_int(self.layer) and self.layer >= 0, "layer", self.layer,
+               "must be a non-negative integer")
+        _choice(self, "expert_form", EXPERT_FORMS)
+        _choice(self, "expert_init", EXPERT_INITS)
+        _choice(self, "router", ROUTERS)
+        _choice(self, "query_pool", QUERY_POOLS)
+        _choice(self, "key_init", KEY_INITS)
+        _check(self.expert_width is None or (_is_int(self.expert_width) and self.expert_width > 0),
+               "expert_width", self.expert_width, "must be null or a positive integer")
+        for name in ("lora_rank", "top_k", "router_dim", "edits_per_expert", "max_steps",
+                     "train_batch_size"):
+            value = getattr(self, name)
+            _check(_is_int(value) and value >= 1, name, value, "must be an integer >= 1")
+        _check(_is_int(self.route_steps) and self.route_steps >= 0, "route_steps",
+               self.route_steps, "must be an integer >= 0")
+        _check(self.max_experts is None or (_is_int(self.max_experts) and self.max_experts >= 1),
+               "max_experts", self.max_experts, "must be null or an integer >= 1")
+        for name in ("lr", "route_lr"):
+            value = getattr(self, name)
+            _check(_is_num(value) and value > 0, name, value, "must be a positive number")
+        for name in ("weight_decay", "loss_threshold", "route_loss_weight"):
+            value = getattr(self, name)
+            _check(_is_num(value) and value >= 0, name, value, "must be a number >= 0")
+        _check(_is_num(self.expert_scale), "expert_scale", self.expert_scale, "must be a number")
+        _check(_is_num(self.guard_threshold) and -1.0 <= self.guard_threshold <= 1.0,
+               "guard_threshold", self.guard_threshold, "must be a cosine in [-1, 1]")
+        for name in ("model_parallel", "locality_guard", "order_planning"):
+            _check(isinstance(getattr(self, name), bool), name, getattr(self, name),
+                   "must be true or false")
+        _check(_is_int(self.seed), "seed", self.seed, "must be an integer")
+
+    @classmethod
+    def from_hparams(cls, hparams_name_or_path: Union[str, Path]) -> "LEMoEHyperParams":
+        """Load a YAML file: a path, a path without ``.yaml``, or a name in ``hparams/LEMoE``."""
+        path = resolve_hparams_path(hparams_name_or_path)
+        try:
+            config = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{path}: malformed YAML: {exc}") from exc
+        if not isinstance(config, dict):
+            raise ValueError(f"{path}: expected a mapping of hparams, got {type(config).__name__}")
+        return cls.from_dict(config, source=str(path))
+
+    @classmethod
+    def from_dict(cls, config: Dict[str, Any], source: str = "hparams") -> "LEMoEHyperParams":
+        """Build from a dict, naming unknown or missing keys instead of a bare TypeError."""
+        config = dict(config)
+        if config.get("alg_name", "LEMoE") != "LEMoE":
+            raise ValueError(f"{source}: alg_name must be 'LEMoE', got {config['alg_name']!r}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown key(s) {', '.join(map(repr, unknown))}; "
+                             f"known keys: {', '.join(sorted(known))}")
+        if "model_name" not in config:
+            raise ValueError(f"{source}: missing required key 'model_name'")
+        for key in ("lr", "route_lr", "weight_decay", "loss_threshold", "guard_threshold"):
+            # YAML reads "2e-4" as a string; EasyEdit converts scientific notation the same way.
+            if isinstance(config.get(key), str):
+                try:
+                    config[key] = float(config[key])
+                except ValueError:
+                    pass
+        return cls(**config)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """A JSON-serialisable dict of every field (``model_name`` as a string)."""
+        out = dataclasses.asdict(self)
+        if not isinstance(out["model_name"], str):
+            out["model_name"] = repr(type(self.model_name))
+        return json.loads(json.dumps(out, default=str))
+
+    def check_model(self, model) -> None:
+        """Checks that need the model: architecture supported and ``layer`` in range."""
+        from .model_families import num_layers
+
+        n = num_layers(model)
+        if self.layer >= n:
+            raise ValueError(f"layer={self.layer} is out of range: the model has {n} layers "
+                             f"(valid: 0..{n - 1})")
+
+
+def resolve_hparams_path(name_or_path: Union[str, Path]) -> Path:
+    """Find a YAML file by path, path without suffix, or name in this repo's hparams dir."""
+    p = Path(name_or_path)
+    candidates = [p, p.with_name(p.name + ".yaml"), HPARAMS_DIR / p.name,
+                  HPARAMS_DIR / (p.name + ".yaml")]
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise FileNotFoundError(f"no LEMoE hparams file at {str(name_or_path)!r} "
+                            f"(also looked in {HPARAMS_DIR})")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check(ok: bool, key: str, value: Any, why: str) -> None:
+    if not ok:
+        raise ValueError(f"hparams key {key!r}: {why}, got {value!r}")
+
+
+def _choice(hp: LEMoEHyperParams, key: str, choices) -> None:
+    value = getattr(hp, key)
+    _check(value in choices, key, value, f"must be one of {', '.join(choices)}")

@@ -1,0 +1,127 @@
+"""``LEMoELayer``: the host FFN plus a bypass mixture of experts.
+
+``h(x) = FFN(x) + lambda * sum_i g(i|x) E_i(x)``. One :class:`ExpertSlot` per edit batch holds
+the expert, its routing projection and key, its anchors and the ids of the edits it learned.
+Slots of finished batches are frozen: their tensors never receive gradients again.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.nn as nn
+
+from .experts import make_expert
+from .model_families import ModelFamily
+from .routing import QueryBuilder, RoutingProjection, Routes, select_routes
+
+
+class ExpertSlot(nn.Module):
+    """Everything one edit batch owns.
+
+    ``enabled`` is a (frozen) parameter rather than a Python flag so that EasyEdit's release,
+    which restores an edit by writing saved tensors back into named parameters, can switch an
+    expert off exactly.
+    """
+
+    def __init__(self, expert: nn.Module, projection: RoutingProjection, hidden: int) -> None:
+        super().__init__()
+        self.expert = expert
+        self.routing = projection
+        self.enabled = nn.Parameter(torch.ones((), device=projection.key.device),
+                                    requires_grad=False)
+        self.register_buffer("anchors", torch.zeros(0, hidden, device=projection.key.device))
+        self.frozen = False
+        self.edits: List[Dict[str, Any]] = []
+
+    @property
+    def is_enabled(self) -> bool:
+        return bool(self.enabled.item() > 0.5)
+
+    def trainable_parameters(self) -> List[nn.Parameter]:
+        return [p for n, p in self.named_parameters() if n != "enabled"]
+
+    def freeze(self) -> None:
+        self.frozen = True
+        for p in self.parameters():
+            p.requires_grad_(False)
+
+    def unfreeze(self) -> None:
+        self.frozen = False
+        for p in self.trainable_parameters():
+            p.requires_grad_(True)
+
+
+class LEMoELayer(nn.Module):
+    """Replaces the FFN of one decoder block; ``base_layer`` is the untouched host FFN."""
+
+    def __init__(self, base_layer: nn.Module, fam: ModelFamily, hparams, queries: QueryBuilder,
+                 hidden: int) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.fam = fam
+        self.hparams = hparams
+        self.queries = queries
+        self.hidden = hidden
+        self.slots = nn.ModuleList()
+        #: Set by training to route every position as a given tensor says (or None).
+        self.forced_routes: Optional[Routes] = None
+        self.last_routes: Optional[Routes] = None
+
+    # -- experts -------------------------------------------------------------------------
+    def new_slot(self) -> ExpertSlot:
+        """Append a slot whose expert outputs zero, so the model's logits do not change."""
+        hp = self.hparams
+        expert = make_expert(self.base_layer, self.fam, hp.expert_form, hp.expert_width,
+                             hp.expert_init, hp.lora_rank)
+        device = next(expert.parameters()).device
+        slot = ExpertSlot(expert, RoutingProjection(self.hidden, hp.router_dim, device=device),
+                          self.hidden)
+        self.slots.append(slot)
+        return slot
+
+    def remove_slot(self, index: int) -> None:
+        del self.slots[index]
+
+    @property
+    def open_slot(self) -> Optional[ExpertSlot]:
+        """The newest slot if it still accepts edits (online mode), else None."""
+        if len(self.slots) and not self.slots[-1].frozen:
+            return self.slots[-1]
+        return None
+
+    # -- routing -------------------------------------------------------------------------
+    def route(self, query: torch.Tensor, valid: torch.Tensor) -> Routes:
+        hp = self.hparams
+        return select_routes(
+            query, valid, [s.routing for s in self.slots], [s.anchors for s in self.slots],
+            [s.is_enabled for s in self.slots], router=hp.router, top_k=hp.top_k,
+            guard=hp.locality_guard, threshold=hp.guard_threshold)
+
+    # -- forward -------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        if not len(self.slots):
+            return out
+        if self.forced_routes is not None:
+            routes = self.forced_routes
+        else:
+            q, valid = self.queries.query, self.queries.valid
+            if q is None or q.shape[:2] != x.shape[:2]:
+                raise RuntimeError("LEMoE routing queries are missing for this forward; call the "
+                                   "whole model, not the layer alone")
+            routes = self.route(q.to(x.device), valid.to(x.device))
+        self.last_routes = routes
+        flat_x = x.reshape(-1, x.shape[-1])
+        delta = torch.zeros_like(flat_x)
+        experts = routes.expert.reshape(-1, routes.expert.shape[-1])
+        gates = routes.gate.reshape(-1, routes.gate.shape[-1]).to(x.dtype)
+        # Top-k: each expert runs only on the positions routed to it.
+        for i in experts.unique().tolist():
+            if i < 0:
+                continue
+            rows, cols = (experts == i).nonzero(as_tuple=True)
+            y = self.slots[i].expert(flat_x[rows]) * gates[rows, cols].unsqueeze(-1)
+            delta = delta.index_add(0, rows, y)
+        return out + self.hparams.expert_scale * delta.reshape(x.shape)

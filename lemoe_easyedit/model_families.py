@@ -1,0 +1,95 @@
+"""Model-family facts: where the FFN of a layer is and how its projections are named.
+
+This table is the only place in the package that knows about architectures. Everything else
+asks :func:`family_of` for a :class:`ModelFamily` and reads its fields.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Tuple
+
+import torch.nn as nn
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """How one architecture family lays out its decoder FFN.
+
+    ``layers_path`` is the dotted path of the ``ModuleList`` of decoder blocks, ``mlp_name``
+    the FFN's attribute inside a block. ``gated`` families compute
+    ``down(act(gate(x)) * up(x))`` (LLaMA style); the others ``out(act(in(x)))``.
+    ``conv1d`` marks GPT-2's transposed ``Conv1D`` weights (``[in, out]`` instead of
+    ``[out, in]``).
+    """
+
+    name: str
+    model_types: Tuple[str, ...]
+    layers_path: str
+    mlp_name: str
+    in_projs: Tuple[str, ...]
+    out_proj: str
+    act_name: str
+    gated: bool
+    conv1d: bool = False
+    num_layers_key: str = "num_hidden_layers"
+
+
+FAMILIES: Dict[str, ModelFamily] = {
+    f.name: f
+    for f in (
+        ModelFamily("llama", ("llama", "mistral", "qwen2", "qwen3"), "model.layers", "mlp",
+                    ("gate_proj", "up_proj"), "down_proj", "act_fn", gated=True),
+        ModelFamily("gpt2", ("gpt2",), "transformer.h", "mlp", ("c_fc",), "c_proj", "act",
+                    gated=False, conv1d=True, num_layers_key="n_layer"),
+        ModelFamily("gptj", ("gptj",), "transformer.h", "mlp", ("fc_in",), "fc_out", "act",
+                    gated=False, num_layers_key="n_layer"),
+    )
+}
+
+SUPPORTED_MODEL_TYPES = tuple(t for f in FAMILIES.values() for t in f.model_types)
+
+
+def family_of(model: nn.Module) -> ModelFamily:
+    """Return the family of a transformers causal LM, or raise ValueError naming its type."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    for fam in FAMILIES.values():
+        if model_type in fam.model_types:
+            return fam
+    raise ValueError(
+        f"unsupported architecture: model_type={model_type!r}; LEMoE supports "
+        f"{', '.join(SUPPORTED_MODEL_TYPES)}"
+    )
+
+
+def num_layers(model: nn.Module) -> int:
+    """Number of decoder blocks of ``model``."""
+    return len(get_submodule(model, family_of(model).layers_path))
+
+
+def get_submodule(root: nn.Module, path: str) -> nn.Module:
+    """``root.get_submodule`` with an error that names the missing path."""
+    try:
+        return root.get_submodule(path)
+    except AttributeError as exc:
+        raise ValueError(f"model has no submodule {path!r}") from exc
+
+
+def mlp_path(model: nn.Module, layer: int) -> str:
+    """Dotted path of the FFN of decoder block ``layer``; checks the index."""
+    fam = family_of(model)
+    n = num_layers(model)
+    if not isinstance(layer, int) or not 0 <= layer < n:
+        raise ValueError(f"layer must be an index in [0, {n - 1}] for this model, got {layer!r}")
+    return f"{fam.layers_path}.{layer}.{fam.mlp_name}"
+
+
+def ffn_width(mlp: nn.Module, fam: ModelFamily) -> int:
+    """Hidden (intermediate) width of a host FFN."""
+    w = getattr(mlp, fam.out_proj).weight
+    return w.shape[0] if fam.conv1d else w.shape[1]
+
+
+def proj_weight(proj: nn.Module, fam: ModelFamily):
+    """A projection's weight in ``[out, in]`` layout, whatever the family stores."""
+    return proj.weight.t() if fam.conv1d else proj.weight

@@ -1,0 +1,209 @@
+"""Training one expert slot on its batch of edits.
+
+Phase 1 (``router="learned"`` only) fits the slot's routing projection and key so that the
+batch's own anchor queries choose the new expert while every earlier batch's anchors keep
+choosing theirs. Phase 2 fits the expert with the next-token loss on the target tokens
+(teacher forcing), routing every position exactly as inference will. Nothing else trains.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .layer import ExpertSlot, LEMoELayer
+
+
+@dataclass
+class EncodedEdit:
+    """Token ids of ``prompt + ' ' + target`` and where the target starts.
+
+    The split follows EasyEdit's metric: the target tokens are those after
+    ``len(tok(prompt))`` in ``tok(prompt + ' ' + target)``.
+    """
+
+    input_ids: List[int]
+    prompt_len: int
+
+
+def encode_edits(tok, requests: Sequence[Dict], max_length: int) -> List[EncodedEdit]:
+    """Tokenise edits as EasyEdit scores them.
+
+    Truncation policy: when prompt and target together exceed ``max_length`` tokens, the
+    beginning of the prompt is dropped (the target and the prompt's end are what the edit is
+    about). A target that alone does not fit raises ValueError.
+    """
+    out = []
+    for i, r in enumerate(requests):
+        prompt, target = r["prompt"], r["target_new"]
+        full = tok(prompt + " " + target)["input_ids"]
+        plen = len(tok(prompt)["input_ids"])
+        if len(full) <= plen:
+            raise ValueError(f"request {i}: target_new {target!r} adds no tokens to the prompt")
+        cut = max(0, len(full) - max_length)
+        if plen - cut < 1:
+            raise ValueError(f"request {i}: target_new {target!r} needs {len(full) - plen} "
+                             f"tokens, more than max_length={max_length} allows")
+        out.append(EncodedEdit(full[cut:], plen - cut))
+    return out
+
+
+@dataclass
+class EditBatch:
+    input_ids: torch.Tensor       # [B, L], right padded
+    attention_mask: torch.Tensor  # [B, L]
+    labels: torch.Tensor          # [B, L], -100 outside the targets
+    anchor_mask: torch.Tensor     # [B, L], positions that predict a target token
+
+
+def collate(edits: Sequence[EncodedEdit], pad_id: int, device) -> EditBatch:
+    """Right-pad a list of encoded edits into tensors on ``device``."""
+    L = max(len(e.input_ids) for e in edits)
+    B = len(edits)
+    ids = torch.full((B, L), pad_id, dtype=torch.long)
+    mask = torch.zeros(B, L, dtype=torch.long)
+    labels = torch.full((B, L), -100, dtype=torch.long)
+    anchors = torch.zeros(B, L, dtype=torch.bool)
+    for b, e in enumerate(edits):
+        n = len(e.input_ids)
+        ids[b, :n] = torch.tensor(e.input_ids)
+        mask[b, :n] = 1
+        labels[b, e.prompt_len:n] = ids[b, e.prompt_len:n]
+        anchors[b, e.prompt_len - 1:n - 1] = True
+    return EditBatch(ids.to(device), mask.to(device), labels.to(device), anchors.to(device))
+
+
+def edit_queries(layer: LEMoELayer, batch: EditBatch) -> torch.Tensor:
+    """Routing queries ``[B, L, H]`` of a batch, as the model-level hook computes them."""
+    with torch.no_grad():
+        embeds = layer.queries.embed(batch.input_ids).float()
+    layer.queries.build(embeds, batch.attention_mask.float(), past=0)
+    return layer.queries.query
+
+
+def prompt_queries(layer: LEMoELayer, tok, requests: Sequence[Dict], max_length: int,
+                   device) -> torch.Tensor:
+    """One query per edit: the one at the prompt's last token (used for order planning)."""
+    edits = encode_edits(tok, requests, max_length)
+    batch = collate(edits, _pad_id(tok), device)
+    q = edit_queries(layer, batch)
+    last = torch.tensor([e.prompt_len - 1 for e in edits], device=q.device)
+    return q[torch.arange(len(edits), device=q.device), last]
+
+
+def train_slot(model: nn.Module, layer: LEMoELayer, slot_index: int,
+               edits: Sequence[EncodedEdit], tok, hp, progress: bool = True) -> Dict:
+    """Fit slot ``slot_index`` to ``edits``; returns training statistics.
+
+    On a non-finite loss the slot is put back as it was before this call and RuntimeError is
+    raised, so a diverging run never leaves a half-trained expert behind.
+    """
+    slot = layer.slots[slot_index]
+    device = slot.routing.key.device
+    snapshot = {k: v.detach().clone() for k, v in slot.state_dict().items()}
+    torch.manual_seed(hp.seed + slot_index)
+    full = collate(edits, _pad_id(tok), device)
+    anchors = edit_queries(layer, full)[full.anchor_mask]
+    slot.anchors = anchors.detach().clone()
+    slot.unfreeze()
+    was_training = model.training
+    model.eval()
+    try:
+        stats = {"edits": len(edits)}
+        if hp.router == "learned":
+            stats.update(_fit_router(layer, slot_index, hp))
+        stats.update(_fit_expert(model, layer, slot, edits, tok, hp, progress))
+    except FloatingPointError:
+        slot.load_state_dict(snapshot)
+        raise
+    finally:
+        model.train(was_training)
+    return stats
+
+
+def _fit_router(layer: LEMoELayer, t: int, hp) -> Dict:
+    slot = layer.slots[t]
+    if hp.key_init == "centroid":
+        slot.routing.init_key_at_centroid(slot.anchors)
+    live = [i for i, s in enumerate(layer.slots) if s.is_enabled and s.anchors.numel()]
+    queries = torch.cat([layer.slots[i].anchors for i in live])
+    labels = torch.cat([torch.full((len(layer.slots[i].anchors),), i, dtype=torch.long)
+                        for i in live]).to(queries.device)
+    dead = torch.tensor([not s.is_enabled for s in layer.slots], device=queries.device)
+    params = list(slot.routing.parameters())
+    opt = torch.optim.AdamW(params, lr=hp.route_lr, weight_decay=0.0)
+
+    def scores():
+        s = torch.stack([layer.slots[i].routing.score(queries) for i in range(len(layer.slots))], 1)
+        return s.masked_fill(dead, float("-inf"))
+
+    steps = 0
+    acc = (scores().argmax(1) == labels).float().mean().item()
+    while steps < hp.route_steps and acc < 1.0:
+        loss = F.cross_entropy(scores(), labels) * hp.route_loss_weight
+        _check_finite(loss, "routing")
+        opt.zero_grad()
+        loss.backward(inputs=params)
+        opt.step()
+        steps += 1
+        with torch.no_grad():
+            acc = (scores().argmax(1) == labels).float().mean().item()
+    for p in params:
+        p.grad = None
+    return {"route_steps": steps, "route_accuracy": acc}
+
+
+def _fit_expert(model, layer, slot: ExpertSlot, edits, tok, hp, progress: bool) -> Dict:
+    params = list(slot.expert.parameters())
+    opt = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
+    device = params[0].device
+    bs = min(hp.train_batch_size, len(edits))
+    gen = torch.Generator().manual_seed(hp.seed)
+    steps, losses = 0, [math.inf]
+    bar = tqdm(total=hp.max_steps, desc="LEMoE expert", leave=False,
+               disable=not progress or hp.max_steps < 20)
+    while steps < hp.max_steps:
+        losses = []
+        for idx in torch.randperm(len(edits), generator=gen).split(bs):
+            batch = collate([edits[i] for i in idx.tolist()], _pad_id(tok), device)
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            loss = _target_loss(logits, batch.labels)
+            _check_finite(loss, "expert")
+            opt.zero_grad()
+            loss.backward(inputs=params)
+            opt.step()
+            losses.append(loss.item())
+            steps += 1
+            bar.update(1)
+            if steps >= hp.max_steps:
+                break
+        if max(losses) < hp.loss_threshold:
+            break
+    bar.close()
+    for p in params:
+        p.grad = None
+    return {"steps": steps, "final_loss": max(losses)}
+
+
+def _target_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                           ignore_index=-100)
+
+
+def _check_finite(loss: torch.Tensor, what: str) -> None:
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"LEMoE {what} training diverged (loss={loss.item()}); the "
+                                 f"expert was left as it was before this batch")
+
+
+def _pad_id(tok) -> int:
+    for cand in (tok.pad_token_id, tok.eos_token_id, 0):
+        if cand is not None:
+            return int(cand)
+    return 0
