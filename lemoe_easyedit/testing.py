@@ -79,8 +79,11 @@ def tiny_config(family: str, vocab_size: int, *, hidden: int = 32, layers: int =
                    num_key_value_heads=heads, max_position_embeddings=max_positions,
                    bos_token_id=2, eos_token_id=0, pad_token_id=1, tie_word_embeddings=False)
     if family == "gpt2":
+        # GPT-2's default init (std 0.02, tied embeddings) gives a random model near-uniform
+        # logits that no small edit can move; a wider init makes it behave like a trained one.
         return GPT2Config(vocab_size=vocab_size, n_embd=hidden, n_layer=layers, n_head=heads,
                           n_inner=intermediate, n_positions=max_positions,
+                          initializer_range=0.2,
                           bos_token_id=0, eos_token_id=0)
     if family == "gptj":
         return GPTJConfig(vocab_size=vocab_size, n_embd=hidden, n_layer=layers, n_head=heads,
