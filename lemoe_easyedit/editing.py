@@ -25,7 +25,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from . import compat
-from .injection import inject_adaptor
+from .injection import find_adaptor, inject_adaptor, remove_adaptor
 from .layer import LEMoELayer
 from .ordering import EditOrderPlanner
 from .training import encode_edits, prompt_queries, train_slot
@@ -40,22 +40,30 @@ def apply_lemoe_to_model(model: nn.Module, tok, requests: Sequence[Dict], hparam
     """Edit ``model`` with LEMoE; EasyEdit's edit-function contract.
 
     Returns ``(edited_model, weights_copy)``; the model is edited in place unless ``copy``.
-    Bad requests or hparams raise ValueError before anything changes.
+    Bad requests or hparams raise ValueError before anything changes. Any failure later on
+    (a request the tokenizer cannot fit in ``max_length``, a diverging training run, an
+    interrupt) puts the model back exactly as it was before the call, then re-raises.
     """
     requests = validate_requests(requests)
     if copy:
         model = deepcopy(model)
     hparams.check_model(model)
+    previous = find_adaptor(model)
+    call_state = _call_state(previous)
     layer = inject_adaptor(model, hparams)
-    prune_disabled(layer)
-    callable_restore = compat.uses_callable_restore()
-    transient = keep_original_weight and not callable_restore
-    before = _snapshot(layer)
-    n_slots = len(layer.slots)
-    if len(requests) == 1 and not transient:
-        _edit_online(model, layer, tok, requests[0], hparams)
-    else:
-        _edit_batches(model, layer, tok, requests, hparams)
+    try:
+        prune_disabled(layer)
+        callable_restore = compat.uses_callable_restore()
+        transient = keep_original_weight and not callable_restore
+        before = _snapshot(layer)
+        n_slots = len(layer.slots)
+        if len(requests) == 1 and not transient:
+            _edit_online(model, layer, tok, requests[0], hparams)
+        else:
+            _edit_batches(model, layer, tok, requests, hparams)
+    except BaseException:
+        _undo_call(model, layer, call_state)
+        raise
     if callable_restore:
         return model, lambda: _restore(layer, before)
     if transient:
@@ -115,7 +123,7 @@ def _edit_online(model, layer: LEMoELayer, tok, request: Dict, hp) -> None:
         slot = None
     if slot is None:
         _check_capacity(layer, 1, hp)
-        slot = layer.new_slot()
+        slot = layer.new_slot(seed=hp.seed + len(layer.slots))
     # A later edit of the same prompt replaces the earlier one inside the open expert.
     slot.edits = [e for e in slot.edits if e["prompt"] != request["prompt"]]
     slot.edits.append(_record(layer, request))
@@ -140,7 +148,7 @@ def _edit_batches(model, layer: LEMoELayer, tok, requests: List[Dict], hp) -> No
         layer.open_slot.freeze()
     for batch in tqdm(planner.batches_, desc="LEMoE batches", leave=False,
                       disable=len(planner.batches_) < 2):
-        slot = layer.new_slot()
+        slot = layer.new_slot(seed=hp.seed + len(layer.slots))
         slot.edits = [_record(layer, requests[i]) for i in batch]
         index = len(layer.slots) - 1
         stats = train_slot(model, layer, index, [encoded[i] for i in batch], tok, hp)
@@ -187,3 +195,54 @@ def _restore(layer: LEMoELayer, snap: Dict) -> None:
         slot.load_state_dict(state)
         slot.edits = edits
         slot.unfreeze()
+
+
+_CALL_ATTRS = ("edit_counter", "history", "plans")
+
+
+def _call_state(layer) -> Dict:
+    """What one call may change, to put back on failure (see :func:`_undo_call`).
+
+    Frozen slots are never modified by a call, so references suffice; the open slot (the
+    only one trained in place) is copied.
+    """
+    if layer is None:
+        return {"had_adaptor": False}
+    open_slot = layer.open_slot
+    return {
+        "had_adaptor": True,
+        "hparams": layer.hparams,
+        "slots": list(layer.slots),
+        "frozen": [s.frozen for s in layer.slots],
+        "edits": [[dict(e) for e in s.edits] for s in layer.slots],
+        "open": None if open_slot is None else
+        {k: v.detach().clone() for k, v in open_slot.state_dict().items()},
+        "attrs": {k: deepcopy(getattr(layer, k)) for k in _CALL_ATTRS if hasattr(layer, k)},
+    }
+
+
+def _undo_call(model: nn.Module, layer: LEMoELayer, state: Dict) -> None:
+    """Put the adaptor back as :func:`_call_state` saw it (or take it out if it was new)."""
+    layer.forced_routes = None
+    if not state["had_adaptor"]:
+        remove_adaptor(model)
+        return
+    layer.hparams = state["hparams"]
+    layer.slots = nn.ModuleList(state["slots"])
+    for slot, frozen, edits in zip(layer.slots, state["frozen"], state["edits"]):
+        slot.edits = edits
+        if frozen:
+            slot.freeze()
+        else:
+            slot.unfreeze()
+    if state["open"] is not None:
+        slot = layer.slots[-1]
+        slot.anchors = state["open"]["anchors"].clone()
+        slot.load_state_dict(state["open"])
+        for p in slot.parameters():
+            p.grad = None
+    for k in _CALL_ATTRS:
+        if k in state["attrs"]:
+            setattr(layer, k, state["attrs"][k])
+        elif hasattr(layer, k):
+            delattr(layer, k)

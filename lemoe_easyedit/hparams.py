@@ -134,7 +134,7 @@ class LEMoEHyperParams(HyperParams):
         if config.get("alg_name", "LEMoE") != "LEMoE":
             raise ValueError(f"{source}: alg_name must be 'LEMoE', got {config['alg_name']!r}")
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(config) - known)
+        unknown = sorted(set(config) - known, key=repr)
         if unknown:
             raise ValueError(f"{source}: unknown key(s) {', '.join(map(repr, unknown))}; "
                              f"known keys: {', '.join(sorted(known))}")
@@ -183,7 +183,9 @@ def _is_int(v: Any) -> bool:
 
 
 def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    return isinstance(v, int) or math.isfinite(v)  # a huge int has no float (OverflowError)
 
 
 def _check(ok: bool, key: str, value: Any, why: str) -> None:

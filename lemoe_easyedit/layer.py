@@ -70,8 +70,27 @@ class LEMoELayer(nn.Module):
         self.last_routes: Optional[Routes] = None
 
     # -- experts -------------------------------------------------------------------------
-    def new_slot(self) -> ExpertSlot:
-        """Append a slot whose expert outputs zero, so the model's logits do not change."""
+    def new_slot(self, seed: Optional[int] = None) -> ExpertSlot:
+        """Append a slot whose expert outputs zero, so the model's logits do not change.
+
+        With ``seed``, the slot's random initial values (routing projection, key, LoRA
+        down-projection) come from ``torch.manual_seed(seed)`` inside a forked RNG, so they
+        do not depend on, nor change, the caller's random state.
+        """
+        if seed is None:
+            return self._build_slot()
+        device = self.base_layer_device()
+        devices = [device.index or 0] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            return self._build_slot()
+
+    def base_layer_device(self) -> torch.device:
+        for p in self.base_layer.parameters():
+            return p.device
+        return torch.device("cpu")
+
+    def _build_slot(self) -> ExpertSlot:
         hp = self.hparams
         expert = make_expert(self.base_layer, self.fam, hp.expert_form, hp.expert_width,
                              hp.expert_init, hp.lora_rank)

@@ -120,6 +120,7 @@ def train_slot(model: nn.Module, layer: LEMoELayer, slot_index: int,
             stats.update(_fit_router(layer, slot_index, hp))
         stats.update(_fit_expert(model, layer, slot, edits, tok, hp, progress))
     except FloatingPointError:
+        slot.anchors = snapshot["anchors"]  # may differ in shape from the new anchors
         slot.load_state_dict(snapshot)
         raise
     finally:
@@ -132,9 +133,15 @@ def _fit_router(layer: LEMoELayer, t: int, hp) -> Dict:
     if hp.key_init == "centroid":
         slot.routing.init_key_at_centroid(slot.anchors)
     live = [i for i, s in enumerate(layer.slots) if s.is_enabled and s.anchors.numel()]
-    queries = torch.cat([layer.slots[i].anchors for i in live])
-    labels = torch.cat([torch.full((len(layer.slots[i].anchors),), i, dtype=torch.long)
-                        for i in live]).to(queries.device)
+    # A prompt edited again in a later expert: the later edit wins, so an anchor of an earlier
+    # expert equal to one of a later expert's is stale and not trained to route to it.
+    later = [layer.slots[i].anchors for i in live if i > t]
+    kept = [_fresh_anchors(layer.slots[i].anchors, slot.anchors) if i < t
+            else _fresh_anchors(slot.anchors, torch.cat(later)) if i == t and later
+            else layer.slots[i].anchors for i in live]
+    queries = torch.cat(kept)
+    labels = torch.cat([torch.full((len(a),), i, dtype=torch.long)
+                        for i, a in zip(live, kept)]).to(queries.device)
     dead = torch.tensor([not s.is_enabled for s in layer.slots], device=queries.device)
     params = list(slot.routing.parameters())
     opt = torch.optim.AdamW(params, lr=hp.route_lr, weight_decay=0.0)
@@ -157,6 +164,15 @@ def _fit_router(layer: LEMoELayer, t: int, hp) -> Dict:
     for p in params:
         p.grad = None
     return {"route_steps": steps, "route_accuracy": acc}
+
+
+def _fresh_anchors(older: torch.Tensor, new: torch.Tensor, tol: float = 1e-5) -> torch.Tensor:
+    """Rows of ``older`` (normalised queries) not equal, up to ``tol`` in cosine, to a row of
+    ``new``."""
+    if not new.numel() or not older.numel():
+        return older
+    same = (older @ new.to(older.device).t()).max(dim=1).values >= 1.0 - tol
+    return older[~same]
 
 
 def _fit_expert(model, layer, slot: ExpertSlot, edits, tok, hp, progress: bool) -> Dict:
