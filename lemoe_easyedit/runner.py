@@ -1,0 +1,452 @@
+"""``run`` and ``compare``: the lifelong protocol of :mod:`.evaluation` from the command line.
+
+::
+
+    python -m lemoe_easyedit.runner run --method LEMoE --hparams hparams/LEMoE/testbed-llama.yaml \\
+        --data testbed --num-edits 100 --chunk 50 --checkpoints 10 --out results/lemoe
+    python -m lemoe_easyedit.runner compare --methods LEMoE ROME MEMIT GRACE FT \\
+        --data testbed --num-edits 100 --out results/compare
+
+``run`` edits and scores one method and writes ``OUT/results.json`` (per-edit and summary
+metrics, hparams, package versions, seed, edit order, timings), ``OUT/summary.md`` and
+``OUT/edit.log`` (what the editing functions printed). ``compare`` runs ``run`` for each
+method **in its own process** on the same edits and writes ``OUT/compare.md``,
+``OUT/compare.json`` and ``OUT/compare.png`` (Rel/Gen/Loc against the number of edits).
+The ``lemoe-easyedit`` console script exposes the same subcommands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+__all__ = ["add_run_arguments", "run_command", "add_compare_arguments", "compare_command",
+           "run", "compare", "plot_curves", "REPO_ROOT", "DEFAULT_HPARAMS_DIR",
+           "TESTBED_CORPUS"]
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+#: The checkout (or install prefix) holding ``hparams/``.
+REPO_ROOT = PACKAGE_DIR.parent
+DEFAULT_HPARAMS_DIR = REPO_ROOT / "hparams"
+#: ``mom2_dataset`` value meaning "the testbed world's training text, written on the fly".
+TESTBED_CORPUS = "testbed-world"
+#: Hparams file name used by ``compare`` for each data set when --hparams-name is not given.
+DEFAULT_HPARAMS_NAME = {"testbed": "testbed-llama"}
+
+
+# ----------------------------------------------------------------------- arguments
+
+
+def _data_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data and protocol")
+    g.add_argument("--data", required=True, choices=("testbed", "zsre", "counterfact",
+                                                     "hallucination"),
+                   help="benchmark: the embedded testbed or your copy of a public file")
+    g.add_argument("--data-path", default=None,
+                   help="data file (required for zsre/counterfact/hallucination; for the "
+                        "testbed: an edit-set name or a JSON file of requests)")
+    g.add_argument("--num-edits", type=int, default=None,
+                   help="edits taken from the data (after --offset); default: all")
+    g.add_argument("--offset", type=int, default=0, help="skip this many records first")
+    g.add_argument("--chunk", type=int, default=None, metavar="T",
+                   help="lifelong sequence length T; --num-edits is cut into consecutive "
+                        "chunks of T, each from the unedited model, averaged (default: "
+                        "--num-edits)")
+    g.add_argument("--checkpoints", type=int, default=None, metavar="K",
+                   help="also score the edits seen so far after every K edits")
+    g.add_argument("--eval-metric", default="auto", choices=("auto", "token_em", "ppl"),
+                   help="auto: ppl for hallucination, token_em otherwise")
+    g.add_argument("--no-greedy", action="store_true",
+                   help="skip the greedy whole-target exact-match scores")
+    g.add_argument("--skip-malformed", action="store_true",
+                   help="leave out malformed records (listed in a warning) instead of failing")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--restore", default="auto", choices=("auto", "copy", "reload"),
+                   help="how the unedited model is restored between chunks")
+    g = p.add_argument_group("model and environment")
+    g.add_argument("--model", default=None,
+                   help="model path or name, overriding the hparams' model_name")
+    g.add_argument("--device", default=None, help="override hparams.device (0, cpu, cuda:1)")
+    g.add_argument("--stats-dir", default=None, help="ROME/MEMIT: override stats_dir")
+    g.add_argument("--mom2-dataset", default=None,
+                   help="ROME/MEMIT: local text file for the second-moment statistics "
+                        f"(or {TESTBED_CORPUS!r})")
+    g.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--out", required=True, help="output directory")
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Flags of ``run`` (also used by the ``lemoe-easyedit run`` subcommand)."""
+    parser.add_argument("--method", required=True,
+                        help="EasyEdit method name: LEMoE, ROME, MEMIT, FT, GRACE, ...")
+    parser.add_argument("--hparams", required=True, help="the method's hparams YAML file")
+    _data_arguments(parser)
+    return parser
+
+
+def add_compare_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Flags of ``compare``."""
+    parser.add_argument("--methods", nargs="+", required=True,
+                        help="methods to compare; METHOD or METHOD=path/to/hparams.yaml")
+    parser.add_argument("--hparams-dir", default=str(DEFAULT_HPARAMS_DIR),
+                        help="directory holding <METHOD>/<name>.yaml")
+    parser.add_argument("--hparams-name", default=None,
+                        help="file name (without .yaml) under <hparams-dir>/<METHOD>/; "
+                             "default for --data testbed: testbed-llama")
+    parser.add_argument("--timeout", type=float, default=None,
+                        help="seconds allowed to each method's process")
+    _data_arguments(parser)
+    return parser
+
+
+# ----------------------------------------------------------------------- helpers
+
+
+def _resolve_path(value: Optional[str], must_exist: bool = False) -> Optional[str]:
+    """Expand ``~``/variables; a relative path missing from the working directory is looked
+    up relative to the repository root (so the YAML files here work from anywhere)."""
+    if value is None or not isinstance(value, str):
+        return value
+    text = os.path.expandvars(os.path.expanduser(value))
+    p = Path(text)
+    if p.is_absolute() or p.exists():
+        return str(p)
+    alt = REPO_ROOT / p
+    if alt.exists():
+        return str(alt)
+    if must_exist:
+        raise FileNotFoundError(f"{value!r} exists neither in {os.getcwd()} nor in {REPO_ROOT}")
+    return text
+
+
+def _file_sha256(path: Optional[str]) -> Optional[str]:
+    if not path or not Path(path).is_file():
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _requests_fingerprint(requests: Sequence[dict]) -> str:
+    blob = json.dumps(list(requests), sort_keys=True, ensure_ascii=True).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def select_requests(requests: Sequence[dict], num_edits: Optional[int], offset: int = 0
+                    ) -> List[dict]:
+    """``requests[offset:offset + num_edits]``, with a clear error when there are too few."""
+    if offset < 0:
+        raise ValueError("--offset must be >= 0")
+    available = len(requests) - offset
+    n = available if num_edits is None else num_edits
+    if n <= 0:
+        raise ValueError(f"no edits selected: the data has {len(requests)} usable records, "
+                         f"offset {offset}")
+    if n > available:
+        raise ValueError(f"--num-edits {n} needs {n + offset} records; the data has "
+                         f"{len(requests)} usable records")
+    return list(requests[offset:offset + n])
+
+
+def write_testbed_corpus(directory: os.PathLike) -> Path:
+    """Write the testbed world's training text (one sentence a line) under ``directory``
+    and return the file: ROME/MEMIT's second-moment statistics for the testbed model."""
+    from . import testbed
+
+    world = testbed.load_world() if hasattr(testbed, "load_world") else None
+    if world is None:
+        raise RuntimeError("the embedded testbed has no world in this checkout "
+                           "(lemoe_easyedit.testbed.load_world is missing)")
+    texts = world.training_text()
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256("\n".join(texts).encode()).hexdigest()[:10]
+    path = directory / f"testbed-world-{digest}.txt"
+    if not path.exists():
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("\n".join(texts) + "\n", encoding="utf-8")
+        tmp.replace(path)
+    return path
+
+
+def prepare_hparams(method: str, hparams_path: str, args: argparse.Namespace):
+    """Load the hparams and apply the command-line overrides and path resolution."""
+    from .evaluation import load_hparams
+
+    hp = load_hparams(method, _resolve_path(hparams_path, must_exist=True))
+    if args.model is not None:
+        hp.model_name = args.model
+    hp.model_name = _resolve_path(hp.model_name)
+    if args.device is not None:
+        dev = args.device
+        hp.device = int(dev) if dev.lstrip("-").isdigit() else dev
+    if hasattr(hp, "stats_dir"):
+        if args.stats_dir is not None:
+            hp.stats_dir = args.stats_dir
+        hp.stats_dir = os.path.expandvars(os.path.expanduser(str(hp.stats_dir)))
+    if hasattr(hp, "mom2_dataset"):
+        if args.mom2_dataset is not None:
+            hp.mom2_dataset = args.mom2_dataset
+        if hp.mom2_dataset == TESTBED_CORPUS:
+            hp.mom2_dataset = str(write_testbed_corpus(Path(hp.stats_dir) / "corpus"))
+        else:
+            hp.mom2_dataset = _resolve_path(hp.mom2_dataset)
+    return hp
+
+
+# ----------------------------------------------------------------------- run
+
+
+def run(args: argparse.Namespace) -> Dict[str, Any]:
+    """Do what ``run`` does and return the results dict (also written to ``--out``)."""
+    import torch
+
+    from . import data as data_mod
+    from .evaluation import run_protocol, summary_table
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = args.data_path
+    if path is not None and args.data != "testbed":
+        path = _resolve_path(path, must_exist=True)
+    all_requests = data_mod.load_dataset(args.data, path, skip_malformed=args.skip_malformed)
+    requests = select_requests(all_requests, args.num_edits, args.offset)
+    metric = args.eval_metric
+    if metric == "auto":
+        metric = "ppl" if args.data == "hallucination" else "token_em"
+    hp = prepare_hparams(args.method, args.hparams, args)
+    data_info = {
+        "name": args.data, "path": str(path) if path else None,
+        "sha256": _file_sha256(path), "usable_records": len(all_requests),
+        "offset": args.offset, "num_edits": len(requests),
+        "requests_sha256": _requests_fingerprint(requests),
+    }
+    with open(out / "edit.log", "w", encoding="utf-8") as log:
+        results = run_protocol(args.method, hp, requests, chunk_size=args.chunk,
+                               checkpoint_every=args.checkpoints, eval_metric=metric,
+                               greedy=not args.no_greedy, seed=args.seed,
+                               restore=args.restore, progress=not args.no_progress,
+                               quiet=True, log=log, data_info=data_info)
+    results["hparams_file"] = str(args.hparams)
+    results["command"] = [sys.executable, "-m", "lemoe_easyedit.runner"] + list(
+        getattr(args, "_argv", []) or [])
+    with open(out / "results.json", "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=1)
+    (out / "summary.md").write_text(
+        f"# {args.method} on {args.data}\n\n{summary_table([results])}\n\n"
+        f"Scoring: {results['scoring']}.\n", encoding="utf-8")
+    return results
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """``run`` subcommand: returns the exit status."""
+    from .evaluation import summary_table
+
+    results = run(args)
+    print(summary_table([results]))
+    print(f"results: {Path(args.out) / 'results.json'}")
+    return 0
+
+
+# ----------------------------------------------------------------------- compare
+
+
+def _method_hparams(spec: str, args: argparse.Namespace) -> Tuple[str, str]:
+    if "=" in spec:
+        method, path = spec.split("=", 1)
+        return method, path
+    name = args.hparams_name or DEFAULT_HPARAMS_NAME.get(args.data)
+    if name is None:
+        raise ValueError(f"--hparams-name is needed for --data {args.data} (e.g. llama-7b), "
+                         f"or give METHOD=path.yaml")
+    path = Path(args.hparams_dir) / spec / f"{name}.yaml"
+    return spec, str(path)
+
+
+def _forwarded_flags(args: argparse.Namespace) -> List[str]:
+    flags = ["--data", args.data]
+    for name in ("data_path", "num_edits", "offset", "chunk", "checkpoints", "eval_metric",
+                 "seed", "restore", "model", "device", "stats_dir", "mom2_dataset",
+                 "threads"):
+        value = getattr(args, name)
+        if value is not None:
+            flags += ["--" + name.replace("_", "-"), str(value)]
+    for name in ("no_greedy", "skip_malformed", "no_progress"):
+        if getattr(args, name):
+            flags.append("--" + name.replace("_", "-"))
+    return flags
+
+
+def _subprocess_env() -> Dict[str, str]:
+    env = dict(os.environ)
+    root = str(PACKAGE_DIR.parent)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+def compare(args: argparse.Namespace) -> Dict[str, Any]:
+    """Run every method in its own process; write and return the combined table."""
+    from .evaluation import summary_table
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows, results = [], []
+    for spec in args.methods:
+        method, hp_path = _method_hparams(spec, args)
+        method_out = out / method
+        method_out.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "lemoe_easyedit.runner", "run", "--method", method,
+               "--hparams", hp_path, "--out", str(method_out)] + _forwarded_flags(args)
+        t0 = time.time()
+        status, error = "ok", None
+        with open(method_out / "process.log", "w", encoding="utf-8") as plog:
+            try:
+                proc = subprocess.run(cmd, stdout=plog, stderr=subprocess.STDOUT,
+                                      env=_subprocess_env(), timeout=args.timeout)
+                code = proc.returncode
+            except subprocess.TimeoutExpired:
+                code, status = None, "timeout"
+        wall = time.time() - t0
+        res_file = method_out / "results.json"
+        if code != 0 or not res_file.exists():
+            status = status if status == "timeout" else "failed"
+            tail = (method_out / "process.log").read_text(errors="replace")[-2000:]
+            error = f"exit status {code}; last output:\n{tail}"
+            print(f"[compare] {method} {status}: see {method_out / 'process.log'}",
+                  file=sys.stderr)
+            rows.append({"method": method, "status": status, "hparams": hp_path,
+                         "command": cmd, "wall_s": wall, "error": error})
+            continue
+        res = json.loads(res_file.read_text())
+        results.append(res)
+        rows.append({"method": method, "status": status, "hparams": hp_path, "command": cmd,
+                     "wall_s": wall, "implementation": res.get("implementation"),
+                     "scoring": res.get("scoring"), "summary": res.get("summary"),
+                     "checkpoints": res.get("checkpoints"), "timings": res.get("timings"),
+                     "protocol": res.get("protocol"), "results": str(res_file),
+                     "requests_sha256": res.get("data", {}).get("requests_sha256")})
+    fingerprints = {r.get("requests_sha256") for r in rows if r.get("requests_sha256")}
+    if len(fingerprints) > 1:  # pragma: no cover - would be a bug
+        raise RuntimeError(f"methods were not given the same edits: {fingerprints}")
+    combined = {
+        "data": results[0]["data"] if results else {"name": args.data},
+        "methods": [r["method"] for r in rows],
+        "rows": rows,
+        "versions": results[0]["versions"] if results else {},
+        "seed": args.seed,
+        "protocol": {k: v for k, v in (results[0]["protocol"] if results else {}).items()
+                     if k not in ("edit_mode", "batch_size", "edit_calls")},
+        "argv": list(getattr(args, "_argv", []) or []),
+    }
+    table = summary_table(results)
+    failed = [r for r in rows if r["status"] != "ok"]
+    lines = [f"# Lifelong editing on {args.data}", "", table, ""]
+    if failed:
+        lines += ["Failed: " + ", ".join(f"{r['method']} ({r['status']})" for r in failed), ""]
+    if results:
+        lines += [f"Scoring: {results[0]['scoring']}.", "",
+                  f"Protocol: {results[0]['protocol']['version']}; "
+                  f"{results[0]['protocol']['num_edits']} edits in chunks of "
+                  f"T={results[0]['protocol']['chunk_size']}.", ""]
+        for r in rows:
+            if r["status"] == "ok":
+                p = r["protocol"]
+                lines.append(f"- {r['method']}: {p['edit_mode']} editing "
+                             f"({len(p['edit_calls'])} calls per chunk), hparams "
+                             f"`{r['hparams']}`, {r['implementation']}")
+    (out / "compare.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    if results:
+        plot_curves(results, out / "compare.png", title=f"{args.data}")
+        combined["plot"] = str(out / "compare.png")
+    with open(out / "compare.json", "w", encoding="utf-8") as f:
+        json.dump(combined, f, indent=1)
+    combined["table"] = table
+    return combined
+
+
+def compare_command(args: argparse.Namespace) -> int:
+    """``compare`` subcommand: 0 when every method ran, 1 otherwise."""
+    combined = compare(args)
+    print(combined["table"])
+    print(f"table: {Path(args.out) / 'compare.md'}  json: {Path(args.out) / 'compare.json'}")
+    return 0 if all(r["status"] == "ok" for r in combined["rows"]) else 1
+
+
+def plot_curves(results: Sequence[dict], path: os.PathLike, title: str = "") -> Path:
+    """One PNG: Rel / Gen / Loc (or PPL) against the number of edits, a line per method;
+    token accuracy solid, greedy exact match dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ppl = any(r.get("protocol", {}).get("eval_metric") == "ppl" for r in results)
+    panels = ([("rel_ppl", None, "Rel PPL (lower is better)"),
+               ("loc", None, "Loc")] if ppl else
+              [("rel", "rel_em", "Rel"), ("gen", "gen_em", "Gen"), ("loc", "loc_em", "Loc")])
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (key, em_key, label) in zip(axes[0], panels):
+        for i, r in enumerate(results):
+            pts = r.get("checkpoints") or []
+            xs = [p["edits"] for p in pts if p.get(key) is not None]
+            ys = [p[key] for p in pts if p.get(key) is not None]
+            color = colors[i % len(colors)]
+            if xs:
+                ax.plot(xs, ys, marker="o", color=color, label=r["method"])
+            if em_key:
+                xe = [p["edits"] for p in pts if p.get(em_key) is not None]
+                ye = [p[em_key] for p in pts if p.get(em_key) is not None]
+                if xe:
+                    ax.plot(xe, ye, marker="x", linestyle="--", color=color, alpha=0.7)
+        ax.set_title(label)
+        ax.set_xlabel("edits so far")
+        if not key.endswith("ppl"):
+            ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    if not ppl:
+        axes[0][-1].annotate("solid: token accuracy (EasyEdit)\ndashed: greedy exact match",
+                             xy=(0.02, 0.02), xycoords="axes fraction", fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------- entry point
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="python -m lemoe_easyedit.runner",
+                                     description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_run_arguments(sub.add_parser("run", help="one method under the lifelong protocol"))
+    add_compare_arguments(sub.add_parser("compare", help="several methods, one table"))
+    args = parser.parse_args(argv)
+    args._argv = argv
+    if args.command == "run":
+        return run_command(args)
+    return compare_command(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
