@@ -74,6 +74,9 @@ def _data_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default=None,
                    help="model path or name, overriding the hparams' model_name")
     g.add_argument("--device", default=None, help="override hparams.device (0, cpu, cuda:1)")
+    g.add_argument("--max-length", type=int, default=None,
+                   help="override the method's max_length (tokens it edits with; scoring "
+                        "never truncates)")
     g.add_argument("--stats-dir", default=None, help="ROME/MEMIT: override stats_dir")
     g.add_argument("--mom2-dataset", default=None,
                    help="ROME/MEMIT: local text file for the second-moment statistics "
@@ -190,6 +193,8 @@ def prepare_hparams(method: str, hparams_path: str, args: argparse.Namespace):
     if args.device is not None:
         dev = args.device
         hp.device = int(dev) if dev.lstrip("-").isdigit() else dev
+    if getattr(args, "max_length", None) is not None:
+        hp.max_length = args.max_length
     if hasattr(hp, "stats_dir"):
         if args.stats_dir is not None:
             hp.stats_dir = args.stats_dir
@@ -278,7 +283,7 @@ def _method_hparams(spec: str, args: argparse.Namespace) -> Tuple[str, str]:
 def _forwarded_flags(args: argparse.Namespace) -> List[str]:
     flags = ["--data", args.data]
     for name in ("data_path", "num_edits", "offset", "chunk", "checkpoints", "eval_metric",
-                 "seed", "restore", "model", "device", "stats_dir", "mom2_dataset",
+                 "seed", "restore", "model", "device", "max_length", "stats_dir", "mom2_dataset",
                  "threads"):
         value = getattr(args, name)
         if value is not None:
