@@ -298,3 +298,17 @@ def test_edit_set_against_the_shipped_model(shipped):
     assert loc["exact"] == 1.0
     records = make_edit_set(world, 3000, style="zsre", seed=0, model=model, tokenizer=tok)
     assert len(records) == 3000
+
+
+def test_named_edit_sets(shipped):
+    from lemoe_easyedit.testbed import is_available, load_edit_set
+
+    model, tok, world = shipped
+    assert is_available()
+    reqs = load_edit_set("zsre-50-seed1")
+    assert reqs == to_requests(make_edit_set(world, 50, style="zsre", seed=1, model=model,
+                                             tokenizer=tok))
+    reqs[0]["prompt"] = "changed"
+    assert load_edit_set("zsre-50-seed1")[0]["prompt"] != "changed"
+    with pytest.raises(ValueError):
+        load_edit_set("wikibio")

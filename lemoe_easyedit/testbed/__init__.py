@@ -20,10 +20,13 @@ cache directory: ``$LEMOE_TESTBED_CACHE`` or ``~/.cache/lemoe_easyedit/testbed``
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import os
+import re
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 from .editsets import (EditCase, counterfact_records, editor_inputs, make_edit_cases,
                        make_edit_set, to_requests, zsre_records)
@@ -37,6 +40,9 @@ __all__ = [
     "load_testbed",
     "load_world",
     "testbed_edit_set",
+    "load_edit_set",
+    "is_available",
+    "DEFAULT_EDIT_SET",
     "build_testbed",
     "World",
     "Fact",
@@ -139,6 +145,43 @@ def testbed_edit_set(n: int, style: str = "counterfact", seed: int = 0, **kwargs
     :func:`make_edit_set`)."""
     model, tok, world = load_testbed()
     return make_edit_set(world, n, style=style, seed=seed, model=model, tokenizer=tok, **kwargs)
+
+
+#: Name of the edit set :func:`load_edit_set` gives by default.
+DEFAULT_EDIT_SET = "counterfact-3000"
+_SET_NAME = re.compile(r"^(counterfact|zsre)(?:-(\d+))?(?:-seed(\d+))?$")
+
+
+def is_available() -> bool:
+    """Whether the shipped testbed (model, tokenizer, build info) is present."""
+    return _complete(shipped_model_path())
+
+
+@functools.lru_cache(maxsize=8)
+def _edit_requests(style: str, n: int, seed: int) -> Tuple[dict, ...]:
+    return tuple(to_requests(testbed_edit_set(n, style=style, seed=seed)))
+
+
+def load_edit_set(name: str = DEFAULT_EDIT_SET) -> List[dict]:
+    """A named edit set over the shipped testbed, as EasyEdit request dicts.
+
+    Names are ``<style>[-<n>][-seed<k>]``: ``style`` ``counterfact`` or ``zsre`` (same
+    edits, the record format only matters before conversion), ``n`` edits (default 3000),
+    seed ``k`` (default 0); e.g. ``"counterfact-3000"`` (the default), ``"zsre-500-seed1"``.
+    Targets and locality prompts are checked against the shipped model (see
+    :func:`make_edit_cases`). Cached per process; each call returns fresh copies.
+    """
+    m = _SET_NAME.match(name or DEFAULT_EDIT_SET)
+    if m is None:
+        raise ValueError(f"unknown testbed edit set {name!r}: expected "
+                         "'<counterfact|zsre>[-<n>][-seed<k>]', e.g. 'counterfact-3000'")
+    style, n, seed = m.group(1), int(m.group(2) or 3000), int(m.group(3) or 0)
+    return copy.deepcopy(list(_edit_requests(style, n, seed)))
+
+
+# Names start with "test": keep pytest from collecting them where they are imported.
+testbed_model_path.__test__ = False  # type: ignore[attr-defined]
+testbed_edit_set.__test__ = False  # type: ignore[attr-defined]
 
 
 def build_testbed(*args, **kwargs):
