@@ -9,6 +9,12 @@ Two ways in, as EasyEdit calls it:
   batches of ``edits_per_expert`` (K-means order planning unless ``order_planning`` is off)
   and every batch gets its own expert, frozen once trained.
 
+A prompt edited again wins over its earlier edit: within one call (the last request with
+that prompt is kept), in the open expert (its record is replaced), and across experts (the
+anchor router breaks ties towards the later expert; the learned router trains the later
+expert to win on the earlier expert's identical anchors). Rolling the later expert back
+(``lemoe_easyedit.rollback``) brings the earlier edit back.
+
 Restoring follows the installed EasyEdit: the registry release writes back the returned
 ``weights_copy`` tensors when ``keep_original_weight=True`` (we return each new expert's
 ``enabled`` flag set to 0, and prune disabled experts on the next call); upstream EasyEdit

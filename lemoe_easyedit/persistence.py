@@ -344,7 +344,7 @@ def _remove_stale_siblings(target: Path) -> None:
             pid = int(p.name.rsplit(".tmp-", 1)[1].split("-")[0])
         except (IndexError, ValueError):
             continue
-        if pid != os.getpid() and _pid_alive(pid):
+        if _pid_alive(pid):  # a save in progress (this process's own are cleaned by it)
             continue
         shutil.rmtree(p, ignore_errors=True)
 

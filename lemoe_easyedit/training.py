@@ -101,8 +101,8 @@ def train_slot(model: nn.Module, layer: LEMoELayer, slot_index: int,
                edits: Sequence[EncodedEdit], tok, hp, progress: bool = True) -> Dict:
     """Fit slot ``slot_index`` to ``edits``; returns training statistics.
 
-    On a non-finite loss the slot is put back as it was before this call and RuntimeError is
-    raised, so a diverging run never leaves a half-trained expert behind.
+    On a non-finite loss the slot is put back as it was before this call and FloatingPointError
+    is raised, so a diverging run never leaves a half-trained expert behind.
     """
     slot = layer.slots[slot_index]
     device = slot.routing.key.device
