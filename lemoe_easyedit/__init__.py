@@ -47,7 +47,8 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'lemoe_easyedit' has no attribute {name!r}")
 
 
-__all__ = ["LEMoEHyperParams", "apply_lemoe_to_model", "find_adaptor", "remove_adaptor",
-           "save_edits", "load_edits", "rollback", "find_edit", "remove_edit", "EditLocation",
-           "EditsFileError"]
+__all__ = ["find_adaptor", "remove_adaptor", "save_edits", "load_edits", "rollback",
+           "find_edit", "remove_edit", "EditLocation", "EditsFileError"]
+if _EASYEDIT_ERROR is None:
+    __all__ += list(_EASYEDIT_NAMES)
 __version__ = "0.1.0"

@@ -18,7 +18,6 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import UNRELATED, fact_requests
-import lemoe_easyedit
 from lemoe_easyedit import (EditsFileError, LEMoEHyperParams, apply_lemoe_to_model, find_adaptor,
                             find_edit, load_edits, remove_edit, rollback, save_edits)
 from lemoe_easyedit.persistence import MANIFEST, SAVE_HOOK_ENV, TENSORS
@@ -482,21 +481,29 @@ def test_save_killed_mid_save_keeps_a_whole_save(tiny_models, tmp_path):
     script.write_text(SAVER)
     stages = {"written": {}, "aside": {"LEMOE_EDITS_NO_EXCHANGE": "1"}}
     procs = {}
-    for stage, extra in stages.items():          # each saves over its own copy of the save
-        shutil.copytree(tmp_path / "pristine", tmp_path / stage)
-        procs[stage] = _spawn(script, [path, tmp_path / "pristine", tmp_path / stage, "once"],
-                              **{SAVE_HOOK_ENV: f"{stage}:{tmp_path / ('at-' + stage)}",
-                                 **extra})
-    shutil.copytree(tmp_path / "pristine", tmp_path / "loop")
-    loop = _spawn(script, [path, tmp_path / "pristine", tmp_path / "loop", "loop"])
-    for stage, p in procs.items():
-        _wait_for(p, (tmp_path / f"at-{stage}").exists, stage)
-        p.send_signal(signal.SIGKILL)
-        p.wait()
-    assert loop.stdout.readline().strip() == "READY", loop.communicate()
-    time.sleep(0.5)                              # many saves of either set of edits by now
-    loop.send_signal(signal.SIGKILL)
-    loop.wait()
+    try:
+        for stage, extra in stages.items():      # each saves over its own copy of the save
+            shutil.copytree(tmp_path / "pristine", tmp_path / stage)
+            procs[stage] = _spawn(script, [path, tmp_path / "pristine", tmp_path / stage, "once"],
+                                  **{SAVE_HOOK_ENV: f"{stage}:{tmp_path / ('at-' + stage)}",
+                                     **extra})
+        shutil.copytree(tmp_path / "pristine", tmp_path / "loop")
+        procs["loop"] = loop = _spawn(script, [path, tmp_path / "pristine", tmp_path / "loop",
+                                               "loop"])
+        for stage in stages:
+            p = procs[stage]
+            _wait_for(p, (tmp_path / f"at-{stage}").exists, stage)
+            p.send_signal(signal.SIGKILL)
+            p.wait()
+        assert loop.stdout.readline().strip() == "READY", loop.communicate()
+        time.sleep(0.5)                          # many saves of either set of edits by now
+        loop.send_signal(signal.SIGKILL)
+        loop.wait()
+    finally:
+        for p in procs.values():                 # never leave a sleeping saver behind
+            if p.poll() is None:
+                p.kill()
+                p.wait()
 
     for stage in stages:
         d = tmp_path / stage
