@@ -834,3 +834,20 @@ def summary_table(results: Sequence[dict]) -> str:
             r.get("implementation", "?")]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+def score_requests(model, tok, hparams, requests: Sequence[dict], *, unedited=None,
+                   greedy: bool = True, progress: bool = True) -> Dict[str, Any]:
+    """Score ``requests`` on ``model`` with this module's metrics, without editing.
+
+    Locality compares against ``unedited`` (default: ``model`` itself, so Loc is 1 by
+    definition). Returns ``{"summary": ..., "per_edit": [...]}``.
+    """
+    requests = list(requests)
+    device = _model_device(model)
+    eval_hp = copy.copy(hparams)
+    eval_hp.max_length = max(int(getattr(hparams, "max_length", 0) or 0), _context_length(model))
+    scorer = _Scorer(tok, eval_hp, "token_em", greedy, progress, device)
+    scorer.prepare(model if unedited is None else unedited, requests)
+    per_edit = scorer.score(model, requests, range(len(requests)))
+    return {"summary": _summary(per_edit, METRIC_KEYS), "per_edit": per_edit}

@@ -53,7 +53,7 @@ class LEMoEHyperParams(HyperParams):
 
     # Routing.
     top_k: int = 1
-    router: str = "learned"
+    router: str = "anchor"
     query_pool: str = "prefix_mean"
     router_dim: int = 64
     key_init: str = "centroid"
@@ -61,7 +61,7 @@ class LEMoEHyperParams(HyperParams):
     route_lr: float = 1e-2
     route_steps: int = 200
     locality_guard: bool = True
-    guard_threshold: float = 0.9
+    guard_threshold: float = 0.7
 
     # Batches, order and training.
     edits_per_expert: int = 200
