@@ -73,6 +73,10 @@ class LEMoEHyperParams(HyperParams):
     loss_threshold: float = 0.01
     train_batch_size: int = 16
     seed: int = 0
+    #: Train each new expert from activations cached once per minibatch, running only the
+    #: blocks above the adaptor (same losses and expert as full forwards, several times
+    #: faster); false runs the whole model at every step.
+    cached_activations: bool = True
 
     extra: Dict[str, Any] = field(default_factory=dict)
 
@@ -110,7 +114,8 @@ class LEMoEHyperParams(HyperParams):
         _check(_is_num(self.expert_scale), "expert_scale", self.expert_scale, "must be a number")
         _check(_is_num(self.guard_threshold) and -1.0 <= self.guard_threshold <= 1.0,
                "guard_threshold", self.guard_threshold, "must be a cosine in [-1, 1]")
-        for name in ("model_parallel", "locality_guard", "order_planning"):
+        for name in ("model_parallel", "locality_guard", "order_planning",
+                     "cached_activations"):
             _check(isinstance(getattr(self, name), bool), name, getattr(self, name),
                    "must be true or false")
         _check(_is_int(self.seed), "seed", self.seed, "must be an integer")

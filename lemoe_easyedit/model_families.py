@@ -21,6 +21,12 @@ class ModelFamily:
     ``down(act(gate(x)) * up(x))`` (LLaMA style); the others ``out(act(in(x)))``.
     ``conv1d`` marks GPT-2's transposed ``Conv1D`` weights (``[in, out]`` instead of
     ``[out, in]``).
+
+    ``final_norm`` is the dotted path of the norm between the last decoder block and the LM
+    head, and ``attn_name`` the attention's attribute inside a block (the module templates
+    ROME/MEMIT hparams need). Every family listed here adds its FFN output to the residual
+    stream, and its LM head (``get_output_embeddings()``) reads ``final_norm``'s output
+    directly; cached-activation training (:mod:`.activation_cache`) relies on both.
     """
 
     name: str
@@ -31,6 +37,8 @@ class ModelFamily:
     out_proj: str
     act_name: str
     gated: bool
+    final_norm: str
+    attn_name: str
     conv1d: bool = False
     num_layers_key: str = "num_hidden_layers"
 
@@ -39,11 +47,14 @@ FAMILIES: Dict[str, ModelFamily] = {
     f.name: f
     for f in (
         ModelFamily("llama", ("llama", "mistral", "qwen2", "qwen3"), "model.layers", "mlp",
-                    ("gate_proj", "up_proj"), "down_proj", "act_fn", gated=True),
+                    ("gate_proj", "up_proj"), "down_proj", "act_fn", gated=True,
+                    final_norm="model.norm", attn_name="self_attn"),
         ModelFamily("gpt2", ("gpt2",), "transformer.h", "mlp", ("c_fc",), "c_proj", "act",
-                    gated=False, conv1d=True, num_layers_key="n_layer"),
+                    gated=False, final_norm="transformer.ln_f", attn_name="attn", conv1d=True,
+                    num_layers_key="n_layer"),
         ModelFamily("gptj", ("gptj",), "transformer.h", "mlp", ("fc_in",), "fc_out", "act",
-                    gated=False, num_layers_key="n_layer"),
+                    gated=False, final_norm="transformer.ln_f", attn_name="attn",
+                    num_layers_key="n_layer"),
     )
 }
 

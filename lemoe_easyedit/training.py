@@ -4,20 +4,28 @@ Phase 1 (``router="learned"`` only) fits the slot's routing projection and key s
 batch's own anchor queries choose the new expert while every earlier batch's anchors keep
 choosing theirs. Phase 2 fits the expert with the next-token loss on the target tokens
 (teacher forcing), routing every position exactly as inference will. Nothing else trains.
+
+Phase 2 splits the edits into minibatches once (shuffled with ``hparams.seed``); each epoch
+only visits them in a new order. With ``cached_activations`` (the default) every minibatch
+goes through the model once, without autograd, and each step runs only the expert and the
+blocks above the adaptor (:mod:`.activation_cache`); otherwise each step is a full model
+forward. Both give the same losses and the same expert, up to float rounding.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .layer import ExpertSlot, LEMoELayer
+from .activation_cache import UpperStack
+from .layer import LEMoELayer
+from .routing import Routes
 
 
 @dataclass
@@ -98,11 +106,13 @@ def prompt_queries(layer: LEMoELayer, tok, requests: Sequence[Dict], max_length:
 
 
 def train_slot(model: nn.Module, layer: LEMoELayer, slot_index: int,
-               edits: Sequence[EncodedEdit], tok, hp, progress: bool = True) -> Dict:
+               edits: Sequence[EncodedEdit], tok, hp, progress: bool = True,
+               trace: Optional[List[float]] = None) -> Dict:
     """Fit slot ``slot_index`` to ``edits``; returns training statistics.
 
     On a non-finite loss the slot is put back as it was before this call and FloatingPointError
-    is raised, so a diverging run never leaves a half-trained expert behind.
+    is raised, so a diverging run never leaves a half-trained expert behind. ``trace``, if
+    given, receives the loss of every expert training step.
     """
     slot = layer.slots[slot_index]
     device = slot.routing.key.device
@@ -118,7 +128,7 @@ def train_slot(model: nn.Module, layer: LEMoELayer, slot_index: int,
         stats = {"edits": len(edits)}
         if hp.router == "learned":
             stats.update(_fit_router(layer, slot_index, hp))
-        stats.update(_fit_expert(model, layer, slot, edits, tok, hp, progress))
+        stats.update(_fit_expert(model, layer, slot_index, edits, tok, hp, progress, trace))
     except FloatingPointError:
         slot.anchors = snapshot["anchors"]  # may differ in shape from the new anchors
         slot.load_state_dict(snapshot)
@@ -146,8 +156,13 @@ def _fit_router(layer: LEMoELayer, t: int, hp) -> Dict:
     params = list(slot.routing.parameters())
     opt = torch.optim.AdamW(params, lr=hp.route_lr, weight_decay=0.0)
 
+    # Only slot t's routing trains here: every other column of the score matrix is fixed.
+    with torch.no_grad():
+        fixed = [None if i == t else layer.slots[i].routing.score(queries)
+                 for i in range(len(layer.slots))]
+
     def scores():
-        s = torch.stack([layer.slots[i].routing.score(queries) for i in range(len(layer.slots))], 1)
+        s = torch.stack([slot.routing.score(queries) if c is None else c for c in fixed], 1)
         return s.masked_fill(dead, float("-inf"))
 
     steps = 0
@@ -175,26 +190,49 @@ def _fresh_anchors(older: torch.Tensor, new: torch.Tensor, tol: float = 1e-5) ->
     return older[~same]
 
 
-def _fit_expert(model, layer, slot: ExpertSlot, edits, tok, hp, progress: bool) -> Dict:
+def fixed_minibatches(n: int, batch_size: int, gen: torch.Generator) -> List[List[int]]:
+    """Indices ``0..n-1`` shuffled once with ``gen`` and cut into minibatches.
+
+    The composition is fixed for the whole fit; per epoch only the order of the minibatches
+    changes, so cached-activation and full-forward training see identical batches.
+    """
+    return [idx.tolist() for idx in torch.randperm(n, generator=gen).split(batch_size)]
+
+
+def batch_routes(layer: LEMoELayer, batch: EditBatch) -> Routes:
+    """The routing of every position of ``batch``, as the layer decides it in a forward."""
+    with torch.no_grad():
+        q = edit_queries(layer, batch)
+        return layer.route(q, layer.queries.valid)
+
+
+def _fit_expert(model, layer: LEMoELayer, slot_index: int, edits, tok, hp, progress: bool,
+                trace: Optional[List[float]]) -> Dict:
+    slot = layer.slots[slot_index]
     params = list(slot.expert.parameters())
     opt = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
     device = params[0].device
     bs = min(hp.train_batch_size, len(edits))
     gen = torch.Generator().manual_seed(hp.seed)
+    pad = _pad_id(tok)
+    batches = [collate([edits[i] for i in group], pad, device)
+               for group in fixed_minibatches(len(edits), bs, gen)]
+    step_loss = (_cached_losses if hp.cached_activations else _full_losses)(
+        model, layer, slot_index, batches, hp)
     steps, losses = 0, [math.inf]
     bar = tqdm(total=hp.max_steps, desc="LEMoE expert", leave=False,
                disable=not progress or hp.max_steps < 20)
     while steps < hp.max_steps:
         losses = []
-        for idx in torch.randperm(len(edits), generator=gen).split(bs):
-            batch = collate([edits[i] for i in idx.tolist()], _pad_id(tok), device)
-            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-            loss = _target_loss(logits, batch.labels)
+        for k in torch.randperm(len(batches), generator=gen).tolist():
+            loss = step_loss(k)
             _check_finite(loss, "expert")
             opt.zero_grad()
             loss.backward(inputs=params)
             opt.step()
             losses.append(loss.item())
+            if trace is not None:
+                trace.append(losses[-1])
             steps += 1
             bar.update(1)
             if steps >= hp.max_steps:
@@ -205,6 +243,27 @@ def _fit_expert(model, layer, slot: ExpertSlot, edits, tok, hp, progress: bool) 
     for p in params:
         p.grad = None
     return {"steps": steps, "final_loss": max(losses)}
+
+
+def _full_losses(model, layer, slot_index, batches, hp) -> Callable[[int], torch.Tensor]:
+    """Each step: a full forward of the whole model (routing recomputed by the layer)."""
+    def step_loss(k: int) -> torch.Tensor:
+        b = batches[k]
+        logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask,
+                       use_cache=False).logits
+        return _target_loss(logits, b.labels)
+    return step_loss
+
+
+def _cached_losses(model, layer, slot_index, batches, hp) -> Callable[[int], torch.Tensor]:
+    """Each step: the new expert and the blocks above it, from activations captured once."""
+    stack = UpperStack(model, layer)
+    cached = [stack.capture(b, slot_index, batch_routes(layer, b)) for b in batches]
+    expert = layer.slots[slot_index].expert
+
+    def step_loss(k: int) -> torch.Tensor:
+        return stack.loss(cached[k], expert, hp.expert_scale)
+    return step_loss
 
 
 def _target_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
