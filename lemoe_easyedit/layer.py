@@ -14,7 +14,8 @@ import torch.nn as nn
 
 from .experts import make_expert
 from .model_families import ModelFamily
-from .routing import QueryBuilder, RoutingProjection, Routes, select_routes
+from .routing import (QueryBuilder, RoutingProjection, Routes, RoutingTable,
+                      select_routes)
 
 
 class ExpertSlot(nn.Module):
@@ -111,12 +112,24 @@ class LEMoELayer(nn.Module):
         return None
 
     # -- routing -------------------------------------------------------------------------
+    def routing_table(self) -> RoutingTable:
+        """The experts' stacked routing state, rebuilt only when a slot changed."""
+        table = self.__dict__.get("_routing_table")
+        if table is None or not table.is_current(self.slots):
+            table = RoutingTable(self.slots)
+            self.__dict__["_routing_table"] = table
+        return table
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to() / .half() / .cuda() change tensors without touching their version counters.
+        self.__dict__.pop("_routing_table", None)
+        return super()._apply(fn, *args, **kwargs)
+
     def route(self, query: torch.Tensor, valid: torch.Tensor) -> Routes:
         hp = self.hparams
-        return select_routes(
-            query, valid, [s.routing for s in self.slots], [s.anchors for s in self.slots],
-            [s.is_enabled for s in self.slots], router=hp.router, top_k=hp.top_k,
-            guard=hp.locality_guard, threshold=hp.guard_threshold)
+        return select_routes(query, valid, self.routing_table(), router=hp.router,
+                             top_k=hp.top_k, guard=hp.locality_guard,
+                             threshold=hp.guard_threshold)
 
     # -- forward -------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -132,15 +145,32 @@ class LEMoELayer(nn.Module):
                                    "whole model, not the layer alone")
             routes = self.route(q.to(x.device), valid.to(x.device))
         self.last_routes = routes
-        flat_x = x.reshape(-1, x.shape[-1])
-        delta = torch.zeros_like(flat_x)
-        experts = routes.expert.reshape(-1, routes.expert.shape[-1])
-        gates = routes.gate.reshape(-1, routes.gate.shape[-1]).to(x.dtype)
-        # Top-k: each expert runs only on the positions routed to it.
-        for i in experts.unique().tolist():
-            if i < 0:
-                continue
-            rows, cols = (experts == i).nonzero(as_tuple=True)
-            y = self.slots[i].expert(flat_x[rows]) * gates[rows, cols].unsqueeze(-1)
-            delta = delta.index_add(0, rows, y)
-        return out + self.hparams.expert_scale * delta.reshape(x.shape)
+        # Top-k: each expert runs once, on the positions routed to it (grouped by a sort),
+        # and only those positions get its output added.
+        scale = self.hparams.expert_scale
+        k = routes.expert.shape[-1]
+        choice = routes.expert.reshape(-1)
+        if k == 1:
+            lo, hi = choice.aminmax()
+            lo, hi = int(lo), int(hi)
+            if lo == hi:  # one expert for every position (e.g. a generation step), or none
+                if lo < 0:
+                    return out
+                return torch.add(out, self.slots[lo].expert(x), alpha=scale)  # top-1 gate: 1
+        picked = (choice >= 0).nonzero().squeeze(1)
+        if not picked.numel():
+            return out
+        which, order = torch.sort(choice[picked], stable=True)
+        picked = picked[order]
+        counts = torch.bincount(which, minlength=len(self.slots)).tolist()
+        rows = picked // k
+        flat_x = x.reshape(-1, x.shape[-1])[rows]
+        outputs, start = [], 0
+        for i, c in enumerate(counts):
+            if c:
+                outputs.append(self.slots[i].expert(flat_x[start:start + c]))
+                start += c
+        y = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+        y = y * routes.gate.reshape(-1)[picked].to(y.dtype).unsqueeze(-1)
+        flat_out = out.reshape(-1, out.shape[-1]).index_add(0, rows, y, alpha=scale)
+        return flat_out.reshape(out.shape)

@@ -12,11 +12,16 @@ Each expert owns a routing projection ``v = W_up SiLU(W_down q)`` and a key ``k`
 anchors). With ``router="anchor"`` the expert holding the nearest anchor is chosen instead of
 the best learned score. The optional locality guard routes a position to no expert when its
 cosine similarity to the chosen expert's nearest anchor is below ``guard_threshold``.
+
+Routing costs the same handful of tensor operations whatever the number of experts: the
+experts' projections, keys and anchors are stacked once into a :class:`RoutingTable`, which
+the layer rebuilds only when a slot changes.
 """
 
 from __future__ import annotations
 
 import inspect
+import operator
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -39,8 +44,16 @@ class RoutingProjection(nn.Module):
         return self.up(F.silu(self.down(q)))
 
     def score(self, q: torch.Tensor) -> torch.Tensor:
-        """Routing score ``k . v(q)`` for normalised queries ``q`` of shape ``[..., hidden]``."""
-        return self.value(q) @ self.key
+        """Routing score ``k . v(q)`` for normalised queries ``q`` of shape ``[..., hidden]``.
+
+        Computed as ``SiLU(W_down q) . (W_up^T k)``, the same product with one matrix fewer
+        per query (and the form :class:`RoutingTable` stacks over experts).
+        """
+        return F.silu(self.down(q)) @ self.key_direction()
+
+    def key_direction(self) -> torch.Tensor:
+        """``W_up^T k``: the score is this vector's dot product with ``SiLU(W_down q)``."""
+        return self.up.weight.t() @ self.key
 
     @torch.no_grad()
     def init_key_at_centroid(self, anchors: torch.Tensor) -> None:
@@ -61,49 +74,110 @@ class Routes:
     gate: torch.Tensor
 
 
-def select_routes(query: torch.Tensor, valid: torch.Tensor, projections: List[RoutingProjection],
-                  anchors: List[torch.Tensor], enabled: List[bool], *, router: str, top_k: int,
-                  guard: bool, threshold: float) -> Routes:
+_VERSION = operator.attrgetter("_version")
+
+
+class RoutingTable:
+    """Every expert's routing state stacked, so that routing costs the same few tensor
+    operations whatever the number of experts.
+
+    Holds ``W_down`` of all experts as one ``[n * dim, hidden]`` matrix, the ``W_up^T k``
+    vectors as ``[n, dim]``, all anchors as one ``[N, hidden]`` matrix with the index of the
+    expert owning each row, and the enabled flags. Built without autograd from ``slots``
+    (:class:`~.layer.ExpertSlot`); :meth:`is_current` tells whether it still describes them:
+    the same slot objects in the same order, holding the same tensors, none modified in
+    place since (tensor version counters), so adding, removing, re-enabling, retraining or
+    loading a slot is always noticed. Moving the model to another device or dtype drops the
+    table too (``LEMoELayer._apply``).
+    """
+
+    def __init__(self, slots) -> None:
+        slots = tuple(slots)
+        self.slots = slots
+        self.n = len(slots)
+        self._anchors = [s._buffers["anchors"] for s in slots]
+        self._tensors = [t for s in slots for t in (
+            s._parameters["enabled"], s._buffers["anchors"], s.routing._parameters["key"],
+            s.routing.down._parameters["weight"], s.routing.up._parameters["weight"])]
+        self._versions = [t._version for t in self._tensors]
+        with torch.no_grad():
+            self.enabled = torch.stack([s.enabled.detach() > 0.5 for s in slots]) if slots \
+                else torch.zeros(0, dtype=torch.bool)
+            self.live = int(self.enabled.sum()) if slots else 0
+            self.any_dead = self.live < self.n
+            if slots:
+                self.dim = slots[0].routing.key.shape[0]
+                self.down = torch.cat([s.routing.down.weight.detach() for s in slots])
+                self.key_dirs = torch.stack([s.routing.key_direction().detach() for s in slots])
+                device = self.down.device
+                self.anchors = torch.cat([a.detach().to(device) for a in self._anchors])
+                self.owner = torch.cat([torch.full((len(a),), i, dtype=torch.long)
+                                        for i, a in enumerate(self._anchors)]).to(device)
+                self.dead = ~self.enabled.to(device)
+
+    def is_current(self, slots: nn.ModuleList) -> bool:
+        """True while ``slots`` is exactly what this table was built from.
+
+        About a microsecond per expert (C-level loops over the slots and their tensors).
+        """
+        mods = tuple(slots._modules.values()) if isinstance(slots, nn.ModuleList) \
+            else tuple(slots)
+        if len(mods) != self.n or not all(map(operator.is_, mods, self.slots)):
+            return False
+        anchors = [s._buffers["anchors"] for s in mods]
+        if not all(map(operator.is_, anchors, self._anchors)):
+            return False
+        return list(map(_VERSION, self._tensors)) == self._versions
+
+    def scores(self, flat: torch.Tensor) -> torch.Tensor:
+        """Learned-router scores ``[P, n]`` of ``P`` normalised queries."""
+        h = F.silu(flat @ self.down.t()).view(flat.shape[0], self.n, self.dim)
+        return (h * self.key_dirs).sum(-1)
+
+    def nearest(self, flat: torch.Tensor) -> torch.Tensor:
+        """``[P, n]`` cosine of each query to each expert's nearest anchor (-2: none)."""
+        near = torch.full((flat.shape[0], self.n), -2.0, device=flat.device)
+        if self.anchors.shape[0]:
+            sims = flat @ self.anchors.t()
+            near.scatter_reduce_(1, self.owner.expand_as(sims), sims, reduce="amax")
+        return near
+
+
+def select_routes(query: torch.Tensor, valid: torch.Tensor, table: RoutingTable, *,
+                  router: str, top_k: int, guard: bool, threshold: float) -> Routes:
     """Choose up to ``top_k`` experts per position.
 
     ``query``: ``[B, T, H]`` normalised queries, ``valid``: ``[B, T]`` bool (False for
-    padding), one projection, anchor matrix ``[n_i, H]`` and enabled flag per expert. Gates are
-    the softmax of the chosen experts' scores, so top-1 gates are 1.
+    padding), ``table``: the experts' stacked routing state. Gates are the softmax of the
+    chosen experts' scores, so top-1 gates are 1.
     """
     B, T, _ = query.shape
-    n = len(projections)
-    none = Routes(torch.full((B, T, top_k), -1, dtype=torch.long, device=query.device),
-                  torch.zeros(B, T, top_k, device=query.device))
-    live = [i for i in range(n) if enabled[i]]
-    if not live:
-        return none
+    if not table.live:
+        return Routes(torch.full((B, T, top_k), -1, dtype=torch.long, device=query.device),
+                      torch.zeros(B, T, top_k, device=query.device))
     flat = query.reshape(B * T, -1)
     # Nearest-anchor similarity per expert: used by the anchor router and by the guard.
-    near = torch.full((B * T, n), -2.0, device=query.device)
-    for i in live:
-        if anchors[i].numel():
-            near[:, i] = (flat @ anchors[i].to(flat.device).t()).max(dim=1).values
+    near = table.nearest(flat) if (router == "anchor" or guard) else None
     if router == "anchor":
         # Later experts win ties, so a re-edited prompt routes to its newest expert.
-        order = torch.arange(n, device=query.device, dtype=torch.float32) * 1e-6
+        order = torch.arange(table.n, device=query.device, dtype=torch.float32) * 1e-6
         scores = near + order
     else:
-        scores = torch.stack([p.score(flat) for p in projections], dim=1)
-    dead = torch.tensor([not e for e in enabled], device=query.device)
-    scores = scores.masked_fill(dead, float("-inf"))
-    k = min(top_k, len(live))
-    top_scores, top_idx = scores.topk(k, dim=1)
-    gate = torch.softmax(top_scores, dim=1)
-    idx = top_idx.clone()
+        scores = table.scores(flat)
+    if table.any_dead:
+        scores = scores.masked_fill(table.dead, float("-inf"))
+    k = min(top_k, table.live)
+    top_scores, idx = scores.topk(k, dim=1)
+    gate = torch.softmax(top_scores, dim=1) if k > 1 else torch.ones_like(top_scores)
+    drop = ~valid.reshape(-1, 1)
     if guard:
-        idx[near.gather(1, top_idx) < threshold] = -1
-    idx[~valid.reshape(-1)] = -1
-    gate = gate.masked_fill(idx < 0, 0.0)
-    expert = none.expert.clone()
-    gates = none.gate.clone()
-    expert[..., :k] = idx.reshape(B, T, k)
-    gates[..., :k] = gate.reshape(B, T, k)
-    return Routes(expert, gates)
+        drop = drop | (near.gather(1, idx) < threshold)
+    idx = idx.masked_fill(drop, -1)
+    gate = gate.masked_fill(drop, 0.0)
+    if k < top_k:
+        idx = F.pad(idx, (0, top_k - k), value=-1)
+        gate = F.pad(gate, (0, top_k - k), value=0.0)
+    return Routes(idx.reshape(B, T, top_k), gate.reshape(B, T, top_k))
 
 
 class QueryBuilder:
@@ -121,7 +195,6 @@ class QueryBuilder:
         self.query: Optional[torch.Tensor] = None
         self.valid: Optional[torch.Tensor] = None
         self._sum: Optional[torch.Tensor] = None
-        self._count: Optional[torch.Tensor] = None
         self._seen = 0
 
     def __call__(self, module: nn.Module, args, kwargs) -> None:
@@ -144,28 +217,29 @@ class QueryBuilder:
         self.build(embeds, cur_mask, past)
 
     def build(self, embeds: torch.Tensor, cur_mask: torch.Tensor, past: int) -> None:
-        """Queries for ``embeds`` ``[B, T, H]`` that follow ``past`` already-seen positions."""
+        """Queries for ``embeds`` ``[B, T, H]`` that follow ``past`` already-seen positions.
+
+        The prefix mean is normalised without dividing by the count first: a mean and a sum
+        differ by a positive factor, which normalisation removes, so only the running sum is
+        carried between generation steps.
+        """
         B, T, H = embeds.shape
-        if past == 0:
-            prev_sum = torch.zeros(B, H, device=embeds.device)
-            prev_count = torch.zeros(B, device=embeds.device)
-        else:
-            if self._sum is None or self._sum.shape[0] != B or self._seen != past:
-                raise RuntimeError(
-                    f"LEMoE routing state does not match the KV cache (cache holds {past} "
-                    f"positions, routing saw {self._seen}); beam search and cache reordering "
-                    f"are not supported, use greedy or sampling generation")
-            prev_sum, prev_count = self._sum, self._count
-        masked = embeds * cur_mask.unsqueeze(-1)
-        sums = prev_sum.unsqueeze(1) + masked.cumsum(1)
-        counts = prev_count.unsqueeze(1) + cur_mask.cumsum(1)
+        if past and (self._seen != past or (self.pool == "prefix_mean" and (
+                self._sum is None or self._sum.shape[0] != B))):
+            raise RuntimeError(
+                f"LEMoE routing state does not match the KV cache (cache holds {past} "
+                f"positions, routing saw {self._seen}); beam search and cache reordering "
+                f"are not supported, use greedy or sampling generation")
         if self.pool == "prefix_mean":
-            q = sums / counts.clamp_min(1.0).unsqueeze(-1)
+            q = (embeds * cur_mask.unsqueeze(-1)).cumsum(1)
+            if past:
+                q = q + self._sum.unsqueeze(1)
+            self._sum = q[:, -1]
         else:
             q = embeds
         self.query = F.normalize(q, dim=-1)
         self.valid = cur_mask > 0
-        self._sum, self._count, self._seen = sums[:, -1], counts[:, -1], past + T
+        self._seen = past + T
 
 
 def _past_length(past) -> int:
