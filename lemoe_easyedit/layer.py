@@ -143,34 +143,46 @@ class LEMoELayer(nn.Module):
             if q is None or q.shape[:2] != x.shape[:2]:
                 raise RuntimeError("LEMoE routing queries are missing for this forward; call the "
                                    "whole model, not the layer alone")
-            routes = self.route(q.to(x.device), valid.to(x.device))
-        self.last_routes = routes
-        # Top-k: each expert runs once, on the positions routed to it (grouped by a sort),
-        # and only those positions get its output added.
+            if q.device != x.device:
+                q, valid = q.to(x.device), None if valid is None else valid.to(x.device)
+            routes = self.route(q, valid)
+        self.__dict__["last_routes"] = routes  # (nn.Module.__setattr__ is slow)
+        # Each expert runs once, on the positions routed to it, and only those positions get
+        # its output added. The number of positions per expert decides how.
         scale = self.hparams.expert_scale
         k = routes.expert.shape[-1]
         choice = routes.expert.reshape(-1)
-        if k == 1:
-            lo, hi = choice.aminmax()
-            lo, hi = int(lo), int(hi)
-            if lo == hi:  # one expert for every position (e.g. a generation step), or none
-                if lo < 0:
-                    return out
-                return torch.add(out, self.slots[lo].expert(x), alpha=scale)  # top-1 gate: 1
-        picked = (choice >= 0).nonzero().squeeze(1)
-        if not picked.numel():
+        counts = torch.bincount(choice + 1, minlength=len(self.slots) + 1).tolist()
+        used = [i for i, c in enumerate(counts[1:]) if c]
+        if not used:
             return out
+        if k == 1 and len(used) == 1:  # top-1, one expert: gates are 1
+            e, n, P = used[0], counts[used[0] + 1], choice.numel()
+            expert = self.slots[e].expert
+            if n == P:  # every position (e.g. a generation step)
+                return torch.add(out, expert(x), alpha=scale)
+            if P <= _SMALL or 4 * n >= P:
+                # Few positions in all, or many of them routed: one call on every position,
+                # kept where routed (fewer operations than gathering the rows).
+                hit = (choice == e).view(x.shape[:-1] + (1,))
+                return torch.add(out, torch.where(hit, expert(x), 0.0), alpha=scale)
+        # General case: positions grouped by expert with one sort.
+        picked = (choice >= 0).nonzero().squeeze(1)
         which, order = torch.sort(choice[picked], stable=True)
         picked = picked[order]
-        counts = torch.bincount(which, minlength=len(self.slots)).tolist()
         rows = picked // k
         flat_x = x.reshape(-1, x.shape[-1])[rows]
         outputs, start = [], 0
-        for i, c in enumerate(counts):
-            if c:
-                outputs.append(self.slots[i].expert(flat_x[start:start + c]))
-                start += c
+        for i in used:
+            c = counts[i + 1]
+            outputs.append(self.slots[i].expert(flat_x[start:start + c]))
+            start += c
         y = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
-        y = y * routes.gate.reshape(-1)[picked].to(y.dtype).unsqueeze(-1)
+        if k > 1:
+            y = y * routes.gate.reshape(-1)[picked].to(y.dtype).unsqueeze(-1)
         flat_out = out.reshape(-1, out.shape[-1]).index_add(0, rows, y, alpha=scale)
         return flat_out.reshape(out.shape)
+
+
+#: Up to this many positions, a single routed expert runs on all of them (masked).
+_SMALL = 64

@@ -67,11 +67,18 @@ class Routes:
     """Routing decision for a ``[B, T]`` block of positions.
 
     ``expert[b, t, j]`` is the j-th chosen expert index (``-1``: none) and ``gate[b, t, j]``
-    its weight.
+    its weight. Top-1 routing leaves ``gate`` to be derived on first use (1 where an expert
+    was chosen, else 0): the forward pass does not need it.
     """
 
     expert: torch.Tensor
-    gate: torch.Tensor
+    _gate: Optional[torch.Tensor] = None
+
+    @property
+    def gate(self) -> torch.Tensor:
+        if self._gate is None:
+            self._gate = (self.expert >= 0).float()
+        return self._gate
 
 
 _VERSION = operator.attrgetter("_version")
@@ -107,13 +114,16 @@ class RoutingTable:
             self.any_dead = self.live < self.n
             if slots:
                 self.dim = slots[0].routing.key.shape[0]
-                self.down = torch.cat([s.routing.down.weight.detach() for s in slots])
-                self.key_dirs = torch.stack([s.routing.key_direction().detach() for s in slots])
+                # Routing is float32 whatever the model's dtype (queries are float32).
+                self.down = torch.cat([s.routing.down.weight.detach() for s in slots]).float()
+                self.key_dirs = torch.stack(
+                    [s.routing.key_direction().detach() for s in slots]).float()
                 device = self.down.device
-                self.anchors = torch.cat([a.detach().to(device) for a in self._anchors])
+                self.anchors = torch.cat([a.detach().to(device) for a in self._anchors]).float()
                 self.owner = torch.cat([torch.full((len(a),), i, dtype=torch.long)
                                         for i, a in enumerate(self._anchors)]).to(device)
                 self.dead = ~self.enabled.to(device)
+                self.order = torch.arange(self.n, device=device, dtype=torch.float32) * 1e-6
 
     def is_current(self, slots: nn.ModuleList) -> bool:
         """True while ``slots`` is exactly what this table was built from.
@@ -131,49 +141,71 @@ class RoutingTable:
 
     def scores(self, flat: torch.Tensor) -> torch.Tensor:
         """Learned-router scores ``[P, n]`` of ``P`` normalised queries."""
-        h = F.silu(flat @ self.down.t()).view(flat.shape[0], self.n, self.dim)
+        if flat.dtype != torch.float32:
+            flat = flat.float()
+        h = F.silu(F.linear(flat, self.down)).view(flat.shape[0], self.n, self.dim)
         return (h * self.key_dirs).sum(-1)
+
+    def nearest_of(self, flat: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """``[P, 1]`` cosine of each query to the nearest anchor of expert ``idx[p, 0]``."""
+        if not self.anchors.shape[0]:
+            return torch.full_like(idx, -2.0, dtype=torch.float32)
+        sims = F.linear(flat if flat.dtype == torch.float32 else flat.float(), self.anchors)
+        return torch.where(self.owner == idx, sims, -2.0).amax(1, keepdim=True)
 
     def nearest(self, flat: torch.Tensor) -> torch.Tensor:
         """``[P, n]`` cosine of each query to each expert's nearest anchor (-2: none)."""
         near = torch.full((flat.shape[0], self.n), -2.0, device=flat.device)
         if self.anchors.shape[0]:
-            sims = flat @ self.anchors.t()
+            sims = F.linear(flat if flat.dtype == torch.float32 else flat.float(), self.anchors)
             near.scatter_reduce_(1, self.owner.expand_as(sims), sims, reduce="amax")
         return near
 
 
-def select_routes(query: torch.Tensor, valid: torch.Tensor, table: RoutingTable, *,
+def select_routes(query: torch.Tensor, valid: Optional[torch.Tensor], table: RoutingTable, *,
                   router: str, top_k: int, guard: bool, threshold: float) -> Routes:
     """Choose up to ``top_k`` experts per position.
 
     ``query``: ``[B, T, H]`` normalised queries, ``valid``: ``[B, T]`` bool (False for
-    padding), ``table``: the experts' stacked routing state. Gates are the softmax of the
-    chosen experts' scores, so top-1 gates are 1.
+    padding; None: all valid), ``table``: the experts' stacked routing state. Gates are the
+    softmax of the chosen experts' scores, so top-1 gates are 1.
     """
     B, T, _ = query.shape
     if not table.live:
         return Routes(torch.full((B, T, top_k), -1, dtype=torch.long, device=query.device),
                       torch.zeros(B, T, top_k, device=query.device))
     flat = query.reshape(B * T, -1)
-    # Nearest-anchor similarity per expert: used by the anchor router and by the guard.
-    near = table.nearest(flat) if (router == "anchor" or guard) else None
+    k = min(top_k, table.live)
+    # Nearest-anchor similarity per expert: used by the anchor router and by the guard (for
+    # the learned router at top-1, only the chosen expert's is needed).
+    near = table.nearest(flat) if (router == "anchor" or (guard and k > 1)) else None
     if router == "anchor":
         # Later experts win ties, so a re-edited prompt routes to its newest expert.
-        order = torch.arange(table.n, device=query.device, dtype=torch.float32) * 1e-6
-        scores = near + order
+        scores = near + table.order
     else:
         scores = table.scores(flat)
     if table.any_dead:
         scores = scores.masked_fill(table.dead, float("-inf"))
-    k = min(top_k, table.live)
+    drop = None if valid is None else ~valid.reshape(-1, 1)
+    if k == 1:  # the common case, in as few operations as possible (it runs every forward)
+        idx = scores.argmax(1, keepdim=True)
+        if guard:
+            chosen = near.gather(1, idx) if near is not None else table.nearest_of(flat, idx)
+            far = chosen < threshold
+            drop = far if drop is None else drop | far
+        if drop is not None:
+            idx = idx.masked_fill(drop, -1)
+        if top_k > 1:
+            idx = F.pad(idx, (0, top_k - 1), value=-1)
+        return Routes(idx.view(B, T, top_k))
     top_scores, idx = scores.topk(k, dim=1)
-    gate = torch.softmax(top_scores, dim=1) if k > 1 else torch.ones_like(top_scores)
-    drop = ~valid.reshape(-1, 1)
+    gate = torch.softmax(top_scores, dim=1)
     if guard:
-        drop = drop | (near.gather(1, idx) < threshold)
-    idx = idx.masked_fill(drop, -1)
-    gate = gate.masked_fill(drop, 0.0)
+        far = near.gather(1, idx) < threshold
+        drop = far if drop is None else drop | far
+    if drop is not None:
+        idx = idx.masked_fill(drop, -1)
+        gate = gate.masked_fill(drop, 0.0)
     if k < top_k:
         idx = F.pad(idx, (0, top_k - k), value=-1)
         gate = F.pad(gate, (0, top_k - k), value=0.0)
@@ -199,29 +231,39 @@ class QueryBuilder:
 
     def __call__(self, module: nn.Module, args, kwargs) -> None:
         bound = _bind_forward(module, args, kwargs)
-        ids = bound.get("input_ids")
         embeds = bound.get("inputs_embeds")
         if embeds is None:
+            ids = bound.get("input_ids")
             if ids is None:
                 raise ValueError("LEMoE routing needs input_ids or inputs_embeds")
             with torch.no_grad():
-                embeds = self.embed(ids)
-        embeds = embeds.detach().float()
-        B, T = embeds.shape[:2]
+                emb = self.embed
+                if type(emb) is nn.Embedding and emb.max_norm is None:
+                    embeds = F.embedding(ids, emb.weight)  # the lookup without module overhead
+                else:
+                    embeds = emb(ids)
+        else:
+            embeds = embeds.detach()
+        if embeds.dtype != torch.float32:
+            embeds = embeds.float()
+        T = embeds.shape[1]
         past = _past_length(bound.get("past_key_values"))
         mask = bound.get("attention_mask")
         if mask is None or mask.dim() != 2:
-            cur_mask = torch.ones(B, T, device=embeds.device)
+            cur_mask = None
         else:
-            cur_mask = mask[:, -T:].to(embeds.device).float()
+            cur_mask = mask if mask.shape[1] == T else mask[:, -T:]
+            if cur_mask.device != embeds.device:
+                cur_mask = cur_mask.to(embeds.device)
         self.build(embeds, cur_mask, past)
 
-    def build(self, embeds: torch.Tensor, cur_mask: torch.Tensor, past: int) -> None:
+    def build(self, embeds: torch.Tensor, cur_mask: Optional[torch.Tensor], past: int) -> None:
         """Queries for ``embeds`` ``[B, T, H]`` that follow ``past`` already-seen positions.
 
-        The prefix mean is normalised without dividing by the count first: a mean and a sum
-        differ by a positive factor, which normalisation removes, so only the running sum is
-        carried between generation steps.
+        ``cur_mask`` ``[B, T]`` (1 for tokens, 0 for padding; None: no padding). The prefix
+        mean is normalised without dividing by the count first: a mean and a sum differ by a
+        positive factor, which normalisation removes, so only the running sum is carried
+        between generation steps.
         """
         B, T, H = embeds.shape
         if past and (self._seen != past or (self.pool == "prefix_mean" and (
@@ -231,14 +273,15 @@ class QueryBuilder:
                 f"positions, routing saw {self._seen}); beam search and cache reordering "
                 f"are not supported, use greedy or sampling generation")
         if self.pool == "prefix_mean":
-            q = (embeds * cur_mask.unsqueeze(-1)).cumsum(1)
+            q = (embeds if cur_mask is None else embeds * cur_mask.unsqueeze(-1)).cumsum(1)
             if past:
                 q = q + self._sum.unsqueeze(1)
             self._sum = q[:, -1]
         else:
             q = embeds
-        self.query = F.normalize(q, dim=-1)
-        self.valid = cur_mask > 0
+        # F.normalize(q, dim=-1), in one operation fewer
+        self.query = q / torch.linalg.vector_norm(q, dim=-1, keepdim=True).clamp_min(1e-12)
+        self.valid = None if cur_mask is None else cur_mask > 0
         self._seen = past + T
 
 

@@ -152,30 +152,54 @@ def _fit_router(layer: LEMoELayer, t: int, hp) -> Dict:
     queries = torch.cat(kept)
     labels = torch.cat([torch.full((len(a),), i, dtype=torch.long)
                         for i, a in zip(live, kept)]).to(queries.device)
-    dead = torch.tensor([not s.is_enabled for s in layer.slots], device=queries.device)
     params = list(slot.routing.parameters())
     opt = torch.optim.AdamW(params, lr=hp.route_lr, weight_decay=0.0)
 
-    # Only slot t's routing trains here: every other column of the score matrix is fixed.
+    # The loss is the cross-entropy of every live anchor's scores against its expert, and the
+    # fit stops once every anchor's best score is its own expert's. Only slot t's routing
+    # trains, so every other column of the score matrix is fixed: it is reduced once to what
+    # the loss and the accuracy need (log-sum-exp, maxima before and after column t, the
+    # fixed argmax), and each step scores the anchors with slot t only. The cost of a step
+    # therefore does not grow with the number of experts.
     with torch.no_grad():
-        fixed = [None if i == t else layer.slots[i].routing.score(queries)
-                 for i in range(len(layer.slots))]
+        table = layer.routing_table()
+        fixed = table.scores(queries)
+        others = table.enabled.clone()
+        others[t] = False
+        fixed = fixed.masked_fill(~others.to(fixed.device), float("-inf"))
+        rows = torch.arange(len(queries), device=fixed.device)
+        own = labels == t
+        lse_fixed = torch.logsumexp(fixed, 1)
+        label_score = fixed[rows, labels].masked_fill(own, 0.0)
+        max_before = fixed[:, :t].amax(1) if t else torch.full_like(lse_fixed, float("-inf"))
+        max_after = fixed[:, t + 1:].amax(1) if t + 1 < table.n \
+            else torch.full_like(lse_fixed, float("-inf"))
+        fixed_right = fixed.argmax(1) == labels
+        del fixed
 
-    def scores():
-        s = torch.stack([slot.routing.score(queries) if c is None else c for c in fixed], 1)
-        return s.masked_fill(dead, float("-inf"))
+    def accuracy(new: torch.Tensor) -> float:
+        # argmax takes the first of equal maxima: column t wins over equal earlier columns
+        # only if strictly greater, over equal later columns if at least equal.
+        wins = (new > max_before) & (new >= max_after)
+        return torch.where(own, wins, fixed_right & ~wins).float().mean().item()
+
+    def loss_of(new: torch.Tensor) -> torch.Tensor:
+        target = torch.where(own, new, label_score)
+        return (torch.logaddexp(lse_fixed, new) - target).mean()
 
     steps = 0
-    acc = (scores().argmax(1) == labels).float().mean().item()
+    new = slot.routing.score(queries)
+    acc = accuracy(new)
     while steps < hp.route_steps and acc < 1.0:
-        loss = F.cross_entropy(scores(), labels) * hp.route_loss_weight
+        loss = loss_of(new) * hp.route_loss_weight
         _check_finite(loss, "routing")
         opt.zero_grad()
         loss.backward(inputs=params)
         opt.step()
         steps += 1
-        with torch.no_grad():
-            acc = (scores().argmax(1) == labels).float().mean().item()
+        new = slot.routing.score(queries)
+        acc = accuracy(new)
+    del new
     for p in params:
         p.grad = None
     return {"route_steps": steps, "route_accuracy": acc}
