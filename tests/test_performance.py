@@ -1,0 +1,315 @@
+"""Performance work that must not change results: cached-activation training, the stacked
+routing table, grouped expert evaluation; and the benchmark end to end at a tiny size."""
+
+import dataclasses
+import gc
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import UNRELATED, fact_requests
+from lemoe_easyedit import LEMoEHyperParams, apply_lemoe_to_model, find_adaptor
+from lemoe_easyedit.injection import inject_adaptor
+from lemoe_easyedit.model_families import get_submodule
+from lemoe_easyedit.routing import Routes, RoutingTable, select_routes
+from lemoe_easyedit.training import encode_edits, train_slot
+
+YAML = {"llama": "tiny-llama", "gpt2": "tiny-gpt2"}
+
+
+def load(path):
+    return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+
+
+def hp_for(family, path, **kw):
+    hp = LEMoEHyperParams.from_hparams(YAML[family])
+    return dataclasses.replace(hp, model_name=str(path), **kw)
+
+
+def train_two_experts(path, hp, tok, requests):
+    """Two experts of 10 edits each, the second trained with the first one frozen."""
+    model, _ = load(path)
+    layer = inject_adaptor(model, hp)
+    trace = []
+    for i in range(2):
+        slot = layer.new_slot(seed=hp.seed + i)
+        edits = encode_edits(tok, requests[10 * i:10 * (i + 1)], hp.max_length)
+        train_slot(model, layer, i, edits, tok, hp, progress=False, trace=trace)
+        slot.freeze()
+    return model, layer, trace
+
+
+# -- cached-activation training ---------------------------------------------------------
+
+@pytest.mark.parametrize("family,layer,top_k,router", [
+    ("llama", 2, 1, "learned"),
+    ("gpt2", 1, 1, "learned"),
+    ("llama", 3, 2, "learned"),   # the adaptor in the last block; top-2 gates
+    ("gpt2", 3, 1, "anchor"),     # last block, anchor router
+])
+def test_cached_and_full_forward_training_agree(tiny_models, family, layer, top_k, router):
+    path = tiny_models(family)
+    tok = AutoTokenizer.from_pretrained(path)
+    requests = fact_requests(20)
+    # Several minibatches per expert, and no early stop: every step is compared.
+    base = hp_for(family, path, layer=layer, top_k=top_k, router=router, max_steps=24,
+                  train_batch_size=4, loss_threshold=0.0, locality_guard=top_k == 1)
+    runs = {}
+    for cached in (True, False):
+        hp = dataclasses.replace(base, cached_activations=cached)
+        _, lay, trace = train_two_experts(path, hp, tok, requests)
+        runs[cached] = (trace, [p.detach().clone() for p in lay.slots.parameters()])
+    (tc, wc), (tf, wf) = runs[True], runs[False]
+    assert len(tc) == len(tf) == 48
+    torch.testing.assert_close(torch.tensor(tc), torch.tensor(tf), rtol=1e-4, atol=1e-6)
+    assert tc[-1] < tc[0]  # it did train
+    for a, b in zip(wc, wf):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_cached_training_runs_nothing_below_the_adaptor_per_step(tiny_models):
+    path = tiny_models("llama")
+    tok = AutoTokenizer.from_pretrained(path)
+    counts = {}
+    for cached in (True, False):
+        hp = hp_for("llama", path, layer=2, max_steps=12, train_batch_size=4,
+                    loss_threshold=0.0, cached_activations=cached)
+        model, _ = load(path)
+        layer = inject_adaptor(model, hp)
+        below = get_submodule(model, "model.layers.1")
+        calls = []
+        below.register_forward_hook(lambda *a: calls.append(1))
+        layer.new_slot(seed=0)
+        train_slot(model, layer, 0, encode_edits(tok, fact_requests(10), 40), tok, hp,
+                   progress=False)
+        counts[cached] = len(calls)
+    assert counts[True] == 3            # one capture per fixed minibatch (10 edits / 4)
+    assert counts[False] == 12          # a full forward per step
+
+
+def test_training_leaves_no_gradient_state(tiny_models):
+    path = tiny_models("llama")
+    model, tok = load(path)
+    requires = {p: p.requires_grad for p in model.parameters()}
+    hp = hp_for("llama", path, edits_per_expert=5, max_steps=20)
+    apply_lemoe_to_model(model, tok, fact_requests(10), hp)
+    apply_lemoe_to_model(model, tok, fact_requests(12)[10:], hp)
+    layer = find_adaptor(model)
+    assert len(layer.slots) == 3
+    assert all(p.grad is None for p in model.parameters())
+    for slot in layer.slots:
+        assert slot.frozen
+        assert not any(p.requires_grad for p in slot.parameters())
+    assert all(p.requires_grad == r for p, r in requires.items())  # base model untouched
+    gc.collect()
+    assert not [o for o in gc.get_objects() if isinstance(o, torch.optim.Optimizer)]
+
+
+# -- routing table ----------------------------------------------------------------------
+
+def reference_routes(query, valid, slots, *, router, top_k, guard, threshold):
+    """select_routes as it was before the table: one expert at a time."""
+    B, T, _ = query.shape
+    flat = query.reshape(B * T, -1)
+    n = len(slots)
+    enabled = [s.is_enabled for s in slots]
+    near = torch.full((B * T, n), -2.0)
+    for i, s in enumerate(slots):
+        if enabled[i] and s.anchors.numel():
+            near[:, i] = (flat @ s.anchors.float().t()).max(dim=1).values
+    if router == "anchor":
+        scores = near + torch.arange(n, dtype=torch.float32) * 1e-6
+    else:
+        r = [s.routing for s in slots]   # v = W_up SiLU(W_down q), score k . v, in float32
+        scores = torch.stack([(F.silu(flat @ p.down.weight.float().t()) @ p.up.weight.float().t())
+                              @ p.key.float() for p in r], 1)
+    scores = scores.masked_fill(torch.tensor([not e for e in enabled]), float("-inf"))
+    k = min(top_k, sum(enabled))
+    top, idx = scores.topk(k, dim=1)
+    gate = torch.softmax(top, dim=1)
+    if guard:
+        idx[near.gather(1, idx) < threshold] = -1
+    idx[~valid.reshape(-1)] = -1
+    gate = gate.masked_fill(idx < 0, 0.0)
+    expert = torch.full((B * T, top_k), -1, dtype=torch.long)
+    gates = torch.zeros(B * T, top_k)
+    expert[:, :k], gates[:, :k] = idx, gate
+    return expert.reshape(B, T, top_k), gates.reshape(B, T, top_k)
+
+
+def _layer_with_slots(tiny_models, n, **kw):
+    path = tiny_models("llama")
+    model, tok = load(path)
+    layer = inject_adaptor(model, hp_for("llama", path, **kw))
+    torch.manual_seed(0)
+    for i in range(n):
+        slot = layer.new_slot()
+        slot.anchors = F.normalize(torch.randn(3 + i % 4, layer.hidden), dim=-1)
+        torch.nn.init.normal_(slot.expert.w_out.weight, std=0.05)
+        slot.freeze()
+    return model, tok, layer
+
+
+@pytest.mark.parametrize("router,top_k,guard", [("learned", 1, False), ("learned", 2, True),
+                                                ("anchor", 1, True), ("anchor", 3, False)])
+def test_routing_table_matches_the_per_expert_reference(tiny_models, router, top_k, guard):
+    model, tok, layer = _layer_with_slots(tiny_models, 7, router=router, top_k=top_k,
+                                          locality_guard=guard, guard_threshold=0.2)
+    layer.slots[3].enabled.data.zero_()
+    q = torch.cat([F.normalize(torch.randn(3, 5, layer.hidden), dim=-1),
+                   layer.slots[2].anchors[:2].reshape(1, 2, -1).expand(3, 2, -1)], 1)
+    valid = torch.ones(3, 7, dtype=torch.bool)
+    valid[1, -2:] = False
+    got = layer.route(q, valid)
+    exp_e, exp_g = reference_routes(q, valid, list(layer.slots), router=router, top_k=top_k,
+                                    guard=guard, threshold=0.2)
+    assert torch.equal(got.expert, exp_e)
+    torch.testing.assert_close(got.gate, exp_g, rtol=1e-5, atol=1e-6)
+    assert not (got.expert == 3).any()
+
+
+def test_routing_table_is_rebuilt_exactly_when_a_slot_changes(tiny_models):
+    model, tok, layer = _layer_with_slots(tiny_models, 5, locality_guard=True,
+                                          guard_threshold=0.2)
+    q = F.normalize(torch.randn(2, 6, layer.hidden), dim=-1)
+    valid = torch.ones(2, 6, dtype=torch.bool)
+
+    def check(rebuilt: bool):
+        before = layer.__dict__.get("_routing_table")
+        got = layer.route(q, valid)
+        table = layer.__dict__["_routing_table"]
+        assert (table is not before) == rebuilt
+        exp_e, _ = reference_routes(q, valid, list(layer.slots), router="learned", top_k=1,
+                                    guard=True, threshold=0.2)
+        assert torch.equal(got.expert, exp_e)
+
+    check(True)
+    check(False)                                      # nothing changed: reused
+    layer.new_slot().anchors = q[0, :3].clone()       # a slot added (and its anchors set)
+    check(True)
+    with torch.no_grad():                             # EasyEdit's in-place restore
+        layer.slots[0].enabled[...] = 0.0
+    check(True)
+    layer.slots[1].anchors = q[1].clone()             # anchors replaced
+    check(True)
+    state = {k: v.clone() for k, v in layer.slots[2].state_dict().items()}
+    state["routing.key"] = torch.randn_like(state["routing.key"])
+    layer.slots[2].load_state_dict(state)             # loaded in place
+    check(True)
+    layer.remove_slot(4)                              # a slot removed
+    check(True)
+    model.to(torch.float64)                           # moved: dtype changes, versions don't
+    assert "_routing_table" not in layer.__dict__
+    layer.route(q, valid)
+    assert layer.__dict__["_routing_table"].down.dtype == torch.float32  # routing stays fp32
+    check(False)
+
+
+def test_table_of_no_slots_routes_nowhere():
+    q = F.normalize(torch.randn(2, 3, 8), dim=-1)
+    r = select_routes(q, torch.ones(2, 3, dtype=torch.bool), RoutingTable([]),
+                      router="learned", top_k=2, guard=False, threshold=0.0)
+    assert r.expert.shape == (2, 3, 2) and (r.expert == -1).all() and (r.gate == 0).all()
+
+
+# -- expert evaluation ------------------------------------------------------------------
+
+def test_forward_calls_each_routed_expert_once_on_its_positions(tiny_models):
+    model, tok, layer = _layer_with_slots(tiny_models, 20, locality_guard=False)
+    calls = {}
+    for i, slot in enumerate(layer.slots):
+        slot.expert.register_forward_hook(
+            lambda m, a, o, i=i: calls.setdefault(i, []).append(a[0].shape[0]))
+    tok.padding_side = "left"
+    x = tok([r["prompt"] for r in fact_requests(6)] + UNRELATED[:2], return_tensors="pt",
+            padding=True)
+    with torch.no_grad():
+        got = model(**x).logits
+    routes = layer.last_routes.expert[..., 0]
+    used = routes[routes >= 0]
+    assert sorted(calls) == sorted(set(used.tolist()))
+    assert all(len(v) == 1 for v in calls.values())
+    assert {i: v[0] for i, v in calls.items()} == {i: int((used == i).sum()) for i in calls}
+
+    # Same logits as evaluating every routed position naively, one at a time.
+    def naive(module, args, out):
+        xs = args[0]
+        base = module.base_layer(xs)
+        r = module.last_routes
+        extra = torch.zeros_like(base)
+        for b in range(xs.shape[0]):
+            for t in range(xs.shape[1]):
+                for j in range(r.expert.shape[-1]):
+                    e = int(r.expert[b, t, j])
+                    if e >= 0:
+                        extra[b, t] += r.gate[b, t, j] * module.slots[e].expert(xs[b, t])
+        return base + module.hparams.expert_scale * extra
+
+    handle = layer.register_forward_hook(naive)
+    with torch.no_grad():
+        ref = model(**x).logits
+    handle.remove()
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_one_expert_for_every_position_takes_the_fast_path(tiny_models):
+    model, tok, layer = _layer_with_slots(tiny_models, 3, locality_guard=False)
+    x = torch.randn(2, 4, layer.hidden)
+    layer.forced_routes = Routes(torch.full((2, 4, 1), 1), torch.ones(2, 4, 1))
+    with torch.no_grad():
+        fast = layer(x)
+        ref = layer.base_layer(x) + layer.slots[1].expert(x)
+    layer.forced_routes = Routes(torch.full((2, 4, 1), -1), torch.zeros(2, 4, 1))
+    with torch.no_grad():
+        none = layer(x)
+    layer.forced_routes = None
+    torch.testing.assert_close(fast, ref)
+    assert torch.equal(none, layer.base_layer(x))
+
+
+# -- the benchmark ----------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_benchmark_runs_end_to_end_at_a_tiny_size(tiny_models, tmp_path):
+    from lemoe_easyedit import bench
+
+    out = tmp_path / "bench"
+    status = bench.main([
+        "--model", str(tiny_models("llama")), "--out", str(out),
+        "--methods", "LEMoE", "ROME", "GRACE", "FT",
+        "--stream", "4,8", "--window", "4", "--edits-per-expert", "4", "--experts", "1,2",
+        "--baseline-edits", "2", "--train-edits", "8", "--latency-prompts", "2",
+        "--gen-tokens", "2", "--repeats", "1"])
+    res = json.loads((out / "bench.json").read_text())
+    md = (out / "bench.md").read_text()
+    assert status == 0, json.dumps(res["methods"], indent=1)[:3000]
+    assert set(res) == {"settings", "methods", "training", "targets"}
+    assert set(res["methods"]) == {"LEMoE", "ROME", "MEMIT", "GRACE", "FT"}
+    assert res["methods"]["MEMIT"]["status"] == "n/a"
+    for m in ("LEMoE", "ROME", "GRACE", "FT"):
+        r = res["methods"][m]
+        assert r["status"] == "ok", (m, r)
+        for key in ("seconds_per_edit", "edits_per_second", "time_ratio_to_lemoe",
+                    "peak_rss_bytes", "rss_above_base_bytes", "rewrite_acc"):
+            assert key in r, (m, key)
+    le = res["methods"]["LEMoE"]
+    assert set(le["seconds_per_edit_at"]) == {"4", "8"}
+    assert [s["experts"] for s in le["serving"]] == [1, 2]
+    for key in ("forward_ratio", "batch_forward_ratio", "gen_ratio", "forward_ms_base",
+                "gen_tokens_per_s"):
+        assert key in le["serving"][0]
+    for key in ("expert_bytes", "routing_table_bytes", "tensor_bytes_above_base",
+                "rss_growth_after_first_bytes"):
+        assert key in le
+    tr = res["training"]
+    assert tr["status"] == "ok" and tr["same_steps"] and tr["max_rel_loss_diff"] < 1e-4
+    assert {"speedup", "cached_seconds", "full_seconds"} <= set(tr)
+    assert {t["target"] for t in res["targets"]} >= {
+        "throughput_vs_grace", "throughput_vs_rome", "cached_speedup", "latency_5",
+        "latency_100", "stream_growth", "memory"}
+    for heading in ("## Editing cost", "## LEMoE cost along the stream", "## Serving cost",
+                    "## Memory after the stream", "## Cached-activation", "## Targets"):
+        assert heading in md
