@@ -137,13 +137,14 @@ class UpperStack:
             block_calls=calls, target_pos=target_pos,
             targets=batch.labels[:, 1:][target_pos])
 
-    def loss(self, cached: CachedMinibatch, expert: nn.Module, scale: float) -> torch.Tensor:
-        """Target loss of the model with ``expert`` as the new slot's expert."""
+    def target_logits(self, cached: CachedMinibatch, expert: nn.Module,
+                      scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(logits [m, V], targets [m])`` at the target positions, with ``expert`` as the
+        new slot's expert (differentiable in its parameters)."""
         h = cached.base_hidden
-        flat = h.reshape(-1, h.shape[-1])
         y = expert(cached.x) * cached.gates.unsqueeze(-1)
-        delta = torch.zeros_like(flat).index_add(0, cached.rows, y)
-        hidden = h + scale * delta.reshape(h.shape)
+        hidden = h.reshape(-1, h.shape[-1]).index_add(0, cached.rows, y, alpha=scale)
+        hidden = hidden.reshape(h.shape)
         for block, (args, kwargs, positional) in zip(self.upper, cached.block_calls):
             if positional:
                 out = block(hidden, *args, **kwargs)
@@ -151,5 +152,9 @@ class UpperStack:
                 out = block(hidden_states=hidden, **kwargs)
             hidden = _hidden_of(out)
         at_targets = hidden[:, :-1][cached.target_pos]
-        logits = self.head(self.norm(at_targets))
-        return F.cross_entropy(logits.float(), cached.targets)
+        return self.head(self.norm(at_targets)), cached.targets
+
+    def loss(self, cached: CachedMinibatch, expert: nn.Module, scale: float) -> torch.Tensor:
+        """Mean cross-entropy of the targets (what the full forward's loss is)."""
+        logits, targets = self.target_logits(cached, expert, scale)
+        return F.cross_entropy(logits.float(), targets)

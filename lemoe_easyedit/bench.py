@@ -51,7 +51,6 @@ import os
 import platform
 import random
 import resource
-import statistics
 import subprocess
 import sys
 import time

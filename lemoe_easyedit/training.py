@@ -286,11 +286,20 @@ def _cached_losses(model, layer, slot_index, batches, hp) -> Callable[[int], tor
     expert = layer.slots[slot_index].expert
 
     def step_loss(k: int) -> torch.Tensor:
-        return stack.loss(cached[k], expert, hp.expert_scale)
+        return _target_loss(*stack.target_logits(cached[k], expert, hp.expert_scale))
     return step_loss
 
 
 def _target_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of the target tokens.
+
+    Either the logits ``[B, L, V]`` of a full forward with its ``labels`` ``[B, L]`` (-100
+    outside the targets; position ``p`` predicts token ``p + 1``), or logits ``[m, V]``
+    already taken at the ``m`` target positions with their token ids ``[m]`` (the
+    cached-activation path). Both paths go through here.
+    """
+    if logits.dim() == 2:
+        return F.cross_entropy(logits.float(), labels)
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                            ignore_index=-100)
 

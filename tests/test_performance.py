@@ -281,7 +281,8 @@ def test_benchmark_runs_end_to_end_at_a_tiny_size(tiny_models, tmp_path):
         "--model", str(tiny_models("llama")), "--out", str(out),
         "--methods", "LEMoE", "ROME", "GRACE", "FT",
         "--stream", "4,8", "--window", "4", "--edits-per-expert", "4", "--experts", "1,2",
-        "--baseline-edits", "2", "--train-edits", "8", "--latency-prompts", "2",
+        "--baseline-edits", "2", "--grace-edits", "2", "--train-edits", "8",
+        "--latency-prompts", "2",
         "--gen-tokens", "2", "--repeats", "1"])
     res = json.loads((out / "bench.json").read_text())
     md = (out / "bench.md").read_text()
@@ -296,20 +297,22 @@ def test_benchmark_runs_end_to_end_at_a_tiny_size(tiny_models, tmp_path):
                     "peak_rss_bytes", "rss_above_base_bytes", "rewrite_acc"):
             assert key in r, (m, key)
     le = res["methods"]["LEMoE"]
-    assert set(le["seconds_per_edit_at"]) == {"4", "8"}
-    assert [s["experts"] for s in le["serving"]] == [1, 2]
+    assert set(le["seconds_per_edit_at"]) == {"4", "8"} and len(le["protocol"]) == 2
+    inst = le["installments"]
+    assert set(inst["seconds_per_edit_at"]) == {"4", "8"}
+    assert [s["experts"] for s in inst["serving"]] == [1, 2]
     for key in ("forward_ratio", "batch_forward_ratio", "gen_ratio", "forward_ms_base",
                 "gen_tokens_per_s"):
-        assert key in le["serving"][0]
+        assert key in inst["serving"][0]
     for key in ("expert_bytes", "routing_table_bytes", "tensor_bytes_above_base",
                 "rss_growth_after_first_bytes"):
-        assert key in le
+        assert key in inst
     tr = res["training"]
     assert tr["status"] == "ok" and tr["same_steps"] and tr["max_rel_loss_diff"] < 1e-4
     assert {"speedup", "cached_seconds", "full_seconds"} <= set(tr)
     assert {t["target"] for t in res["targets"]} >= {
         "throughput_vs_grace", "throughput_vs_rome", "cached_speedup", "latency_5",
-        "latency_100", "stream_growth", "memory"}
+        "latency_100", "stream_growth", "marginal_growth", "memory", "tensor_growth"}
     for heading in ("## Editing cost", "## LEMoE cost along the stream", "## Serving cost",
-                    "## Memory after the stream", "## Cached-activation", "## Targets"):
+                    "## Memory after the installments", "## Cached-activation", "## Targets"):
         assert heading in md
