@@ -124,6 +124,10 @@ class RoutingTable:
                                         for i, a in enumerate(self._anchors)]).to(device)
                 self.dead = ~self.enabled.to(device)
                 self.order = torch.arange(self.n, device=device, dtype=torch.float32) * 1e-6
+                # Per anchor: its expert's tie-breaking offset, -inf for a disabled expert.
+                self.anchor_bias = self.order.masked_fill(self.dead, float("-inf"))[self.owner]
+                counts = torch.bincount(self.owner, minlength=self.n)
+                self.all_live_anchored = bool((counts[self.enabled.to(device)] > 0).all())
 
     def is_current(self, slots: nn.ModuleList) -> bool:
         """True while ``slots`` is exactly what this table was built from.
@@ -176,6 +180,22 @@ def select_routes(query: torch.Tensor, valid: Optional[torch.Tensor], table: Rou
                       torch.zeros(B, T, top_k, device=query.device))
     flat = query.reshape(B * T, -1)
     k = min(top_k, table.live)
+    if router == "anchor" and k == 1 and table.all_live_anchored:
+        # The expert with the nearest anchor is the owner of the nearest anchor: one max over
+        # all anchors (ties: the lower index, i.e. the earlier expert, as argmax over experts
+        # would choose; the offsets make later experts win exact ties).
+        sims = F.linear(flat if flat.dtype == torch.float32 else flat.float(), table.anchors)
+        best = (sims + table.anchor_bias).argmax(1, keepdim=True)
+        idx = table.owner[best]
+        drop = None if valid is None else ~valid.reshape(-1, 1)
+        if guard:
+            far = sims.gather(1, best) < threshold
+            drop = far if drop is None else drop | far
+        if drop is not None:
+            idx = idx.masked_fill(drop, -1)
+        if top_k > 1:
+            idx = F.pad(idx, (0, top_k - 1), value=-1)
+        return Routes(idx.view(B, T, top_k))
     # Nearest-anchor similarity per expert: used by the anchor router and by the guard (for
     # the learned router at top-1, only the chosen expert's is needed).
     near = table.nearest(flat) if (router == "anchor" or (guard and k > 1)) else None

@@ -122,8 +122,11 @@ def train_slot(model: nn.Module, layer: LEMoELayer, slot_index: int,
     anchors = edit_queries(layer, full)[full.anchor_mask]
     slot.anchors = anchors.detach().clone()
     slot.unfreeze()
+    # (Module.train/eval visit every module, the experts' included: a model already in eval
+    # mode is left as it is, so this costs nothing per call however many experts there are.)
     was_training = model.training
-    model.eval()
+    if was_training:
+        model.eval()
     try:
         stats = {"edits": len(edits)}
         if hp.router == "learned":
@@ -134,7 +137,8 @@ def train_slot(model: nn.Module, layer: LEMoELayer, slot_index: int,
         slot.load_state_dict(snapshot)
         raise
     finally:
-        model.train(was_training)
+        if was_training:
+            model.train()
     return stats
 
 
