@@ -232,8 +232,14 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     if metric == "auto":
         metric = "ppl" if args.data == "hallucination" else "token_em"
     hp = prepare_hparams(args.method, args.hparams, args)
+    if args.data == "testbed" and path is None:
+        from . import testbed
+
+        path_label = f"testbed edit set {getattr(testbed, 'DEFAULT_EDIT_SET', 'default')}"
+    else:
+        path_label = str(path) if path else None
     data_info = {
-        "name": args.data, "path": str(path) if path else None,
+        "name": args.data, "path": path_label,
         "sha256": _file_sha256(path), "usable_records": len(all_requests),
         "offset": args.offset, "num_edits": len(requests),
         "requests_sha256": _requests_fingerprint(requests),

@@ -143,7 +143,7 @@ def teacher_forced_match(model, tok, prompt, target):
 def test_edits_are_learned_and_far_inputs_untouched(tiny_models, replacement):
     model, tok = load(tiny_models("llama"))
     # Single-token targets: a randomly initialised model cannot be steered to two different
-    # tokens by one vector (multi-token targets: see the testbed test in test_compare.py).
+    # tokens by one vector (multi-token targets: test_multi_token_targets_on_the_testbed).
     requests = fact_requests(6)
     probe = tok(UNRELATED[:4], return_tensors="pt", padding=True)
     with torch.no_grad():
@@ -221,3 +221,33 @@ def test_through_base_editor(tiny_models, in_tmp):
         subject=[r["subject"] for r in requests], keep_original_weight=False)
     assert all(m["post"]["rewrite_acc"] == [1.0] for m in metrics), metrics
     assert find_grace(editor.model).num_keys >= 1
+
+
+def _testbed():
+    try:
+        from lemoe_easyedit import testbed
+    except ImportError:
+        return None
+    return testbed if testbed.is_available() else None
+
+
+@pytest.mark.skipif(_testbed() is None, reason="the embedded testbed is not in this checkout")
+def test_multi_token_targets_on_the_testbed():
+    """The testbed's targets are two-word names (several tokens): every edit is reproduced
+    by greedy decoding, and unrelated facts keep their answers."""
+    from lemoe_easyedit import evaluation as ev
+
+    requests = _testbed().load_edit_set("counterfact-12")
+    hp = GraceHyperParams.from_hparams(str(REPO / "hparams" / "GRACE" / "testbed-llama.yaml"))
+    hp.model_name = str(_testbed().testbed_model_path())
+    assert max(len(ev.target_token_ids(_tok(hp), r["prompt"], r["target_new"])[1])
+               for r in requests) >= 2
+    res = ev.run_protocol("GRACE", hp, requests, progress=False)
+    assert [m["rel_em"] for m in res["per_edit"]] == [1.0] * len(requests)
+    assert res["summary"]["loc"] == 1.0 and res["summary"]["loc_em"] == 1.0
+
+
+def _tok(hp):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(hp.model_name)
