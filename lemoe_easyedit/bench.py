@@ -50,10 +50,10 @@ import json
 import os
 import platform
 import random
-import resource
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -156,6 +156,8 @@ def _peak_rss_bytes() -> int:
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
+    import resource  # Unix only
+
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
 
@@ -174,17 +176,19 @@ def _live_tensor_bytes() -> int:
     import torch
 
     seen, total = set(), 0
-    for obj in gc.get_objects():
-        try:
-            if not isinstance(obj, torch.Tensor) or obj.is_meta:
+    with warnings.catch_warnings():  # isinstance() on some torch objects warns
+        warnings.simplefilter("ignore")
+        for obj in gc.get_objects():
+            try:
+                if not isinstance(obj, torch.Tensor) or obj.is_meta:
+                    continue
+                st = obj.untyped_storage()
+                key = (st.device.type, st.data_ptr())
+            except Exception:  # noqa: BLE001 - odd tensor subclasses
                 continue
-            st = obj.untyped_storage()
-            key = (st.device.type, st.data_ptr())
-        except Exception:  # noqa: BLE001 - odd tensor subclasses
-            continue
-        if key not in seen:
-            seen.add(key)
-            total += st.nbytes()
+            if key not in seen:
+                seen.add(key)
+                total += st.nbytes()
     return total
 
 
