@@ -842,7 +842,9 @@ _local_layer_stats._lemoe_patched = True
 # ------------------------------------------------------------- BaseEditor (item 7)
 
 
-def _hparams_dtype(hparams) -> torch.dtype:
+def hparams_dtype(hparams) -> torch.dtype:
+    """The dtype a method's model is loaded in: ``dtype``/``torch_dtype`` or ``fp16`` of the
+    hparams, else float32."""
     # The release ran under transformers 4.30, whose from_pretrained loaded float32;
     # transformers 5 defaults to the checkpoint's dtype (often bf16), which ROME/MEMIT's
     # matrix inverses do not tolerate.
@@ -852,6 +854,8 @@ def _hparams_dtype(hparams) -> torch.dtype:
             return value
         if isinstance(value, str) and isinstance(getattr(torch, value, None), torch.dtype):
             return getattr(torch, value)
+    if getattr(hparams, "fp16", False) is True:
+        return torch.float16
     return torch.float32
 
 
@@ -867,7 +871,7 @@ def _load_model_and_tokenizer(name: str, hparams):
     seq2seq = bool(getattr(config, "is_encoder_decoder", False))
     model_cls = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
     dtype_key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
-    kwargs = {dtype_key: _hparams_dtype(hparams),
+    kwargs = {dtype_key: hparams_dtype(hparams),
               "device_map": "auto" if getattr(hparams, "model_parallel", False) else None}
     if remote:
         kwargs["trust_remote_code"] = True

@@ -213,18 +213,6 @@ def edit_calls(n: int, mode: str, batch_size: int,
 # ----------------------------------------------------------------------- models
 
 
-def _model_dtype(hparams) -> torch.dtype:
-    for attr in ("dtype", "torch_dtype"):
-        value = getattr(hparams, attr, None)
-        if isinstance(value, torch.dtype):
-            return value
-        if isinstance(value, str) and isinstance(getattr(torch, value, None), torch.dtype):
-            return getattr(torch, value)
-    if getattr(hparams, "fp16", False) is True:
-        return torch.float16
-    return torch.float32
-
-
 def load_model_and_tokenizer(hparams, model_name: Optional[str] = None, on_device: bool = True):
     """Load the model and tokenizer of ``hparams`` as EasyEdit's ``BaseEditor`` does here
     (Auto classes, float32 unless the hparams ask otherwise, pad token = eos when missing,
@@ -239,7 +227,7 @@ def load_model_and_tokenizer(hparams, model_name: Optional[str] = None, on_devic
     major = int(transformers.__version__.split(".")[0])
     dtype_key = "dtype" if major >= 5 else "torch_dtype"
     parallel = bool(getattr(hparams, "model_parallel", False))
-    kwargs = {dtype_key: _model_dtype(hparams)}
+    kwargs = {dtype_key: compat.hparams_dtype(hparams)}
     if parallel and on_device:
         kwargs["device_map"] = "auto"
     model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
