@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import importlib.metadata
 import io
 import math
@@ -686,7 +687,10 @@ def run_protocol(method: str, hparams, requests: Sequence[dict], *,
         elif restore == "copy":
             work = copy.deepcopy(base).to(device)
         else:
-            del work
+            # Drop every reference to the previous chunk's model before loading the next:
+            # two 7B models need not fit at once.
+            work = model = base = None
+            gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             work, _ = load_model_and_tokenizer(hparams)

@@ -200,3 +200,8 @@ def test_grace_under_the_protocol(llama):
     assert [c["method_state"]["grace_keys"] for c in res["chunks"]] == [4, 4]
     assert res["summary"]["rel"] == 1.0 and res["summary"]["loc"] == 1.0
     assert res["protocol"]["restore"] == "copy"
+    # Loaded by the protocol and reloaded from disk for every chunk (big models).
+    res = ev.run_protocol("GRACE", hp, fact_requests(6), chunk_size=2, restore="reload",
+                          progress=False)
+    assert res["protocol"]["restore"] == "reload"
+    assert [c["method_state"]["grace_keys"] for c in res["chunks"]] == [2, 2, 2]
