@@ -64,7 +64,6 @@ import math
 import os
 import platform
 import random
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple

@@ -8,7 +8,6 @@ the table's shape and ranges are what is checked).
 import argparse
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest

@@ -1,7 +1,6 @@
 """The project's GRACE: codebook rules, untouched far inputs, learned edits, EasyEdit glue."""
 
 import dataclasses
-import sys
 from pathlib import Path
 
 import pytest
