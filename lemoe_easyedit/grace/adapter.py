@@ -44,6 +44,8 @@ import torch.nn as nn
 
 #: ``reg: early_stop`` ends value training once the target loss is below this.
 EARLY_STOP_LOSS = 0.01
+#: Relative (and absolute) margin by which an expanded radius covers the new query.
+COVER_MARGIN = 1e-4
 
 
 class GraceAdapter(nn.Module):
@@ -74,8 +76,8 @@ class GraceAdapter(nn.Module):
         self.active = nn.Parameter(torch.zeros(0, device=device), requires_grad=False)
         self.key_labels: List[Tuple[int, ...]] = []
         self.key_edits: List[List[int]] = []
-        # Set while a value is trained: (key index, trainable vector).
-        self._training: Optional[Tuple[int, nn.Parameter]] = None
+        # Set while a value is trained: (key index, trainable vector, key position).
+        self._training: Optional[Tuple[int, nn.Parameter, int]] = None
         # replace_all with a KV cache: value index active at the end of the last call.
         self._carry: Optional[torch.Tensor] = None
         self._continuing = False
@@ -101,7 +103,10 @@ class GraceAdapter(nn.Module):
         if self.num_keys == 0:
             return (torch.full((q.shape[0],), float("inf"), device=q.device),
                     torch.zeros(q.shape[0], dtype=torch.long, device=q.device))
-        d = torch.cdist(q, self.keys.to(q.device))
+        # Exact differences, not the |a|^2 + |b|^2 - 2ab shortcut cdist takes for large
+        # inputs: that one is off by ~0.1 at the norms of real activations, which decides
+        # whether a query at a key (distance 0) or at a radius' edge is a hit.
+        d = torch.cdist(q, self.keys.to(q.device), compute_mode="donot_use_mm_for_euclid_dist")
         d = d.masked_fill(self.active.to(q.device)[None, :] < 0.5, float("inf"))
         return d.min(dim=1)
 
@@ -133,7 +138,9 @@ class GraceAdapter(nn.Module):
             with torch.no_grad():
                 if self.eps_expand in ("moving_average", "moving_avg"):
                     self.keys[j] = 0.5 * self.keys[j] + 0.5 * query[0].to(self.keys.device)
-                self.epsilons[j] = dist
+                # Cover the query; the small margin keeps it covered when the same prompt
+                # is run again inside a longer sequence (float rounding differs slightly).
+                self.epsilons[j] = dist * (1 + COVER_MARGIN) + COVER_MARGIN
         self.key_edits[j].append(edit_id)
         return {"key": j, "action": action, "nearest": dist}
 
@@ -184,6 +191,11 @@ class GraceAdapter(nn.Module):
         hit = (dist <= eps).reshape(bsz, seq)
         idx = idx.reshape(bsz, seq)
         chosen = torch.where(hit, idx, torch.full_like(idx, -1))
+        if self._training is not None:
+            # The edit being trained owns its key token, whatever the rounding says.
+            j, _, pos = self._training
+            if pos < seq:
+                chosen[:, pos] = j
         if self.replacement == "replace_all":
             # Carry the most recent hit forward along the sequence (and across KV-cache steps).
             start = torch.full((bsz,), -1, dtype=torch.long, device=idx.device)
@@ -201,7 +213,7 @@ class GraceAdapter(nn.Module):
             return out
         values = self.values
         if self._training is not None:
-            j, vec = self._training
+            j, vec, _ = self._training
             values = torch.cat([values[:j], vec.reshape(1, -1), values[j + 1:]])
         safe = chosen.clamp(min=0)
         replacement = values.to(out.dtype)[safe]  # [B, L, Dout]

@@ -122,7 +122,7 @@ def edit_one(model: nn.Module, tok, adapter: GraceAdapter, request: Dict,
     frozen = [p for p in model.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
-    adapter._training = (j, vec)
+    adapter._training = (j, vec, key_pos)
     losses = []
     try:
         for _ in range(hparams.n_iter):
