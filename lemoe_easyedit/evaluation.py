@@ -300,7 +300,28 @@ def package_versions() -> Dict[str, str]:
     }
     if torch.cuda.is_available():
         out["gpu"] = torch.cuda.get_device_name(0)
+    commit = _git_commit()
+    if commit:
+        out["lemoe_easyedit_git"] = commit
     return out
+
+
+def _git_commit() -> Optional[str]:
+    """``<commit>[+dirty]`` of the checkout this package runs from, if it is one."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.path.isdir(os.path.join(root, ".git")):
+        return None
+    try:
+        head = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--",
+                                "lemoe_easyedit", "hparams"], capture_output=True, text=True,
+                               timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (head + ("+dirty" if dirty else "")) if head else None
 
 
 # ----------------------------------------------------------------------- scoring helpers
