@@ -381,7 +381,10 @@ def compare(args: argparse.Namespace) -> Dict[str, Any]:
                              f"`{r['hparams']}`, {r['implementation']}")
     (out / "compare.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     if results:
-        plot_curves(results, out / "compare.png", title=f"{args.data}")
+        p0 = results[0]["protocol"]
+        plot_curves(results, out / "compare.png",
+                    title=f"{args.data}: T={p0['chunk_size']}, {p0['n_chunks']} chunk(s), "
+                          f"scored after every edit so far")
         combined["plot"] = str(out / "compare.png")
     with open(out / "compare.json", "w", encoding="utf-8") as f:
         json.dump(combined, f, indent=1)
