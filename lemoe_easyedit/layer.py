@@ -112,10 +112,14 @@ class LEMoELayer(nn.Module):
         return None
 
     # -- routing -------------------------------------------------------------------------
-    def routing_table(self) -> RoutingTable:
-        """The experts' stacked routing state, rebuilt only when a slot changed."""
+    def routing_table(self, learned: bool = True) -> RoutingTable:
+        """The experts' stacked routing state, rebuilt only when a slot changed.
+
+        ``learned=False``: the caller uses no routing projection or key (anchor router), so
+        a change to those alone does not force a rebuild.
+        """
         table = self.__dict__.get("_routing_table")
-        if table is None or not table.is_current(self.slots):
+        if table is None or not table.is_current(self.slots, learned):
             table = RoutingTable(self.slots)
             self.__dict__["_routing_table"] = table
         return table
@@ -127,8 +131,8 @@ class LEMoELayer(nn.Module):
 
     def route(self, query: torch.Tensor, valid: torch.Tensor) -> Routes:
         hp = self.hparams
-        return select_routes(query, valid, self.routing_table(), router=hp.router,
-                             top_k=hp.top_k, guard=hp.locality_guard,
+        return select_routes(query, valid, self.routing_table(hp.router == "learned"),
+                             router=hp.router, top_k=hp.top_k, guard=hp.locality_guard,
                              threshold=hp.guard_threshold)
 
     # -- forward -------------------------------------------------------------------------

@@ -103,10 +103,15 @@ class RoutingTable:
         self.slots = slots
         self.n = len(slots)
         self._anchors = [s._buffers["anchors"] for s in slots]
-        self._tensors = [t for s in slots for t in (
-            s._parameters["enabled"], s._buffers["anchors"], s.routing._parameters["key"],
-            s.routing.down._parameters["weight"], s.routing.up._parameters["weight"])]
+        # What every router reads (flags, anchors), and what only the learned router reads
+        # (projections, keys): the anchor router's forward checks the first list alone.
+        self._tensors = [t for s in slots for t in (s._parameters["enabled"],
+                                                    s._buffers["anchors"])]
+        self._learned_tensors = [t for s in slots for t in (
+            s.routing._parameters["key"], s.routing.down._parameters["weight"],
+            s.routing.up._parameters["weight"])]
         self._versions = [t._version for t in self._tensors]
+        self._learned_versions = [t._version for t in self._learned_tensors]
         with torch.no_grad():
             self.enabled = torch.stack([s.enabled.detach() > 0.5 for s in slots]) if slots \
                 else torch.zeros(0, dtype=torch.bool)
@@ -120,6 +125,9 @@ class RoutingTable:
                     [s.routing.key_direction().detach() for s in slots]).float()
                 device = self.down.device
                 self.anchors = torch.cat([a.detach().to(device) for a in self._anchors]).float()
+                # [hidden, N], contiguous: query @ anchors_t is the one product every forward
+                # makes, and a pre-transposed right operand makes it about twice as fast.
+                self.anchors_t = self.anchors.t().contiguous()
                 self.owner = torch.cat([torch.full((len(a),), i, dtype=torch.long)
                                         for i, a in enumerate(self._anchors)]).to(device)
                 self.dead = ~self.enabled.to(device)
@@ -129,10 +137,13 @@ class RoutingTable:
                 counts = torch.bincount(self.owner, minlength=self.n)
                 self.all_live_anchored = bool((counts[self.enabled.to(device)] > 0).all())
 
-    def is_current(self, slots: nn.ModuleList) -> bool:
+    def is_current(self, slots: nn.ModuleList, learned: bool = True) -> bool:
         """True while ``slots`` is exactly what this table was built from.
 
-        About a microsecond per expert (C-level loops over the slots and their tensors).
+        ``learned=False`` leaves out the routing projections and keys, which only the learned
+        router reads: a table whose keys went stale is still current for the anchor router,
+        and is rebuilt the first time the learned router asks. A fraction of a microsecond
+        per expert (C-level loops over the slots and their tensors).
         """
         mods = tuple(slots._modules.values()) if isinstance(slots, nn.ModuleList) \
             else tuple(slots)
@@ -141,7 +152,10 @@ class RoutingTable:
         anchors = [s._buffers["anchors"] for s in mods]
         if not all(map(operator.is_, anchors, self._anchors)):
             return False
-        return list(map(_VERSION, self._tensors)) == self._versions
+        if list(map(_VERSION, self._tensors)) != self._versions:
+            return False
+        return not learned or list(map(_VERSION, self._learned_tensors)) == \
+            self._learned_versions
 
     def scores(self, flat: torch.Tensor) -> torch.Tensor:
         """Learned-router scores ``[P, n]`` of ``P`` normalised queries."""
@@ -150,18 +164,22 @@ class RoutingTable:
         h = F.silu(F.linear(flat, self.down)).view(flat.shape[0], self.n, self.dim)
         return (h * self.key_dirs).sum(-1)
 
+    def similarities(self, flat: torch.Tensor) -> torch.Tensor:
+        """``[P, N]`` cosine of each of ``P`` normalised queries to each anchor."""
+        return torch.mm(flat if flat.dtype == torch.float32 else flat.float(), self.anchors_t)
+
     def nearest_of(self, flat: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """``[P, 1]`` cosine of each query to the nearest anchor of expert ``idx[p, 0]``."""
         if not self.anchors.shape[0]:
             return torch.full_like(idx, -2.0, dtype=torch.float32)
-        sims = F.linear(flat if flat.dtype == torch.float32 else flat.float(), self.anchors)
+        sims = self.similarities(flat)
         return torch.where(self.owner == idx, sims, -2.0).amax(1, keepdim=True)
 
     def nearest(self, flat: torch.Tensor) -> torch.Tensor:
         """``[P, n]`` cosine of each query to each expert's nearest anchor (-2: none)."""
         near = torch.full((flat.shape[0], self.n), -2.0, device=flat.device)
         if self.anchors.shape[0]:
-            sims = F.linear(flat if flat.dtype == torch.float32 else flat.float(), self.anchors)
+            sims = self.similarities(flat)
             near.scatter_reduce_(1, self.owner.expand_as(sims), sims, reduce="amax")
         return near
 
@@ -184,12 +202,17 @@ def select_routes(query: torch.Tensor, valid: Optional[torch.Tensor], table: Rou
         # The expert with the nearest anchor is the owner of the nearest anchor: one max over
         # all anchors (ties: the lower index, i.e. the earlier expert, as argmax over experts
         # would choose; the offsets make later experts win exact ties).
-        sims = F.linear(flat if flat.dtype == torch.float32 else flat.float(), table.anchors)
-        best = (sims + table.anchor_bias).argmax(1, keepdim=True)
+        # One fused product-plus-offset and one max (values and indices together: cheaper
+        # than argmax followed by a gather of the similarity).
+        flat = flat if flat.dtype == torch.float32 else flat.float()
+        best_sim, best = torch.addmm(table.anchor_bias, flat, table.anchors_t).max(
+            1, keepdim=True)
         idx = table.owner[best]
         drop = None if valid is None else ~valid.reshape(-1, 1)
         if guard:
-            far = sims.gather(1, best) < threshold
+            # best_sim holds the offset of the chosen anchor's expert (< 1e-6 per expert):
+            # compare the similarity itself, as the per-expert path does.
+            far = best_sim - table.anchor_bias[best] < threshold
             drop = far if drop is None else drop | far
         if drop is not None:
             idx = idx.masked_fill(drop, -1)
