@@ -67,6 +67,7 @@ __all__ = [
     "load_counterfact",
     "load_hallucination",
     "load_testbed",
+    "subject_aligned",
     "validate_requests",
 ]
 
@@ -467,6 +468,32 @@ def load_dataset(name: str, path: Optional[Union[str, os.PathLike]] = None, *,
     if name == "counterfact":
         return load_counterfact(path, skip_malformed)
     return load_hallucination(path, skip_malformed)
+
+
+def subject_aligned(requests: Sequence[dict], tok) -> Tuple[List[dict], List[int]]:
+    """Split ``requests`` by whether the subject ends on a token boundary of the prompt.
+
+    EasyEdit's ROME and MEMIT find the subject's last token by tokenising the text before,
+    the subject and the text after it separately and adding the lengths. When the tokenizer
+    merges the subject's end with the next characters (a subword vocabulary that has no
+    token for "UniFirst" but one for "st?"), that index is wrong, or past the end of the
+    prompt and the method stops with an IndexError. Returns ``(kept, dropped_indices)``:
+    a request is kept when ``tok(prompt up to the end of its subject)`` is a prefix of
+    ``tok(prompt)``. A request without a subject in its prompt is dropped too.
+    """
+    kept, dropped = [], []
+    for i, r in enumerate(requests):
+        prompt, subject = r.get("prompt"), r.get("subject")
+        at = prompt.find(subject) if isinstance(subject, str) and subject else -1
+        if at < 0:
+            dropped.append(i)
+            continue
+        head = tok(prompt[:at + len(subject)])["input_ids"]
+        if tok(prompt)["input_ids"][:len(head)] == head:
+            kept.append(r)
+        else:
+            dropped.append(i)
+    return kept, dropped
 
 
 def validate_requests(requests: Sequence[Any], source: str = "requests",

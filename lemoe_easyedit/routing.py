@@ -89,8 +89,8 @@ class RoutingTable:
     operations whatever the number of experts.
 
     Holds ``W_down`` of all experts as one ``[n * dim, hidden]`` matrix, the ``W_up^T k``
-    vectors as ``[n, dim]``, all anchors as one ``[N, hidden]`` matrix with the index of the
-    expert owning each row, and the enabled flags. Built without autograd from ``slots``
+    vectors as ``[n, dim]``, all anchors as one ``[hidden, N]`` matrix with the index of the
+    expert owning each column, and the enabled flags. Built without autograd from ``slots``
     (:class:`~.layer.ExpertSlot`); :meth:`is_current` tells whether it still describes them:
     the same slot objects in the same order, holding the same tensors, none modified in
     place since (tensor version counters), so adding, removing, re-enabling, retraining or
@@ -117,6 +117,7 @@ class RoutingTable:
                 else torch.zeros(0, dtype=torch.bool)
             self.live = int(self.enabled.sum()) if slots else 0
             self.any_dead = self.live < self.n
+            self.n_anchors = 0
             if slots:
                 self.dim = slots[0].routing.key.shape[0]
                 # Routing is float32 whatever the model's dtype (queries are float32).
@@ -124,10 +125,12 @@ class RoutingTable:
                 self.key_dirs = torch.stack(
                     [s.routing.key_direction().detach() for s in slots]).float()
                 device = self.down.device
-                self.anchors = torch.cat([a.detach().to(device) for a in self._anchors]).float()
-                # [hidden, N], contiguous: query @ anchors_t is the one product every forward
-                # makes, and a pre-transposed right operand makes it about twice as fast.
-                self.anchors_t = self.anchors.t().contiguous()
+                # All anchors as one [hidden, N] matrix: query @ anchors_t is the one product
+                # every forward makes, and a contiguous pre-transposed right operand makes it
+                # about twice as fast as F.linear against [N, hidden].
+                self.anchors_t = torch.cat([a.detach().to(device) for a in self._anchors]
+                                           ).float().t().contiguous()
+                self.n_anchors = self.anchors_t.shape[1]
                 self.owner = torch.cat([torch.full((len(a),), i, dtype=torch.long)
                                         for i, a in enumerate(self._anchors)]).to(device)
                 self.dead = ~self.enabled.to(device)
@@ -170,7 +173,7 @@ class RoutingTable:
 
     def nearest_of(self, flat: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """``[P, 1]`` cosine of each query to the nearest anchor of expert ``idx[p, 0]``."""
-        if not self.anchors.shape[0]:
+        if not self.n_anchors:
             return torch.full_like(idx, -2.0, dtype=torch.float32)
         sims = self.similarities(flat)
         return torch.where(self.owner == idx, sims, -2.0).amax(1, keepdim=True)
@@ -178,7 +181,7 @@ class RoutingTable:
     def nearest(self, flat: torch.Tensor) -> torch.Tensor:
         """``[P, n]`` cosine of each query to each expert's nearest anchor (-2: none)."""
         near = torch.full((flat.shape[0], self.n), -2.0, device=flat.device)
-        if self.anchors.shape[0]:
+        if self.n_anchors:
             sims = self.similarities(flat)
             near.scatter_reduce_(1, self.owner.expand_as(sims), sims, reduce="amax")
         return near

@@ -67,6 +67,11 @@ def _data_arguments(p: argparse.ArgumentParser) -> None:
                    help="skip the greedy whole-target exact-match scores")
     g.add_argument("--skip-malformed", action="store_true",
                    help="leave out malformed records (listed in a warning) instead of failing")
+    g.add_argument("--subject-aligned", action="store_true",
+                   help="keep only records whose subject ends on a token boundary of the "
+                        "prompt for the model's tokenizer (EasyEdit's ROME/MEMIT index the "
+                        "subject's last token wrongly, or past the prompt, otherwise); the "
+                        "others are listed in a warning. Same edits for every method")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--restore", default="auto", choices=("auto", "copy", "reload"),
                    help="how the unedited model is restored between chunks")
@@ -212,6 +217,26 @@ def prepare_hparams(method: str, hparams_path: str, args: argparse.Namespace):
 # ----------------------------------------------------------------------- run
 
 
+def _subject_aligned(requests: List[dict], hp) -> Tuple[List[dict], List[int]]:
+    """``--subject-aligned``: drop (and name) the records the model's tokenizer misaligns."""
+    import warnings
+
+    from transformers import AutoTokenizer
+
+    from .data import subject_aligned
+
+    name = hp.model_name if isinstance(hp.model_name, str) else None
+    if name is None:
+        raise ValueError("--subject-aligned needs hparams.model_name to be a model path")
+    kept, dropped = subject_aligned(requests, AutoTokenizer.from_pretrained(name))
+    if dropped:
+        shown = ", ".join(str(requests[i].get("case_id", i)) for i in dropped[:20])
+        more = f" and {len(dropped) - 20} more" if len(dropped) > 20 else ""
+        warnings.warn(f"--subject-aligned: left out {len(dropped)} record(s) whose subject "
+                      f"does not end on a token boundary of the prompt (case_id {shown}{more})")
+    return kept, [requests[i].get("case_id", i) for i in dropped]
+
+
 def run(args: argparse.Namespace) -> Dict[str, Any]:
     """Do what ``run`` does and return the results dict (also written to ``--out``)."""
     import torch
@@ -227,11 +252,14 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     if path is not None and args.data != "testbed":
         path = _resolve_path(path, must_exist=True)
     all_requests = data_mod.load_dataset(args.data, path, skip_malformed=args.skip_malformed)
+    hp = prepare_hparams(args.method, args.hparams, args)
+    misaligned: List[int] = []
+    if args.subject_aligned:
+        all_requests, misaligned = _subject_aligned(all_requests, hp)
     requests = select_requests(all_requests, args.num_edits, args.offset)
     metric = args.eval_metric
     if metric == "auto":
         metric = "ppl" if args.data == "hallucination" else "token_em"
-    hp = prepare_hparams(args.method, args.hparams, args)
     if args.data == "testbed" and path is None:
         from . import testbed
 
@@ -244,6 +272,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         "offset": args.offset, "num_edits": len(requests),
         "requests_sha256": _requests_fingerprint(requests),
     }
+    if args.subject_aligned:
+        data_info["subject_misaligned_dropped"] = misaligned
     with open(out / "edit.log", "w", encoding="utf-8") as log:
         results = run_protocol(args.method, hp, requests, chunk_size=args.chunk,
                                checkpoint_every=args.checkpoints, eval_metric=metric,
@@ -294,7 +324,7 @@ def _forwarded_flags(args: argparse.Namespace) -> List[str]:
         value = getattr(args, name)
         if value is not None:
             flags += ["--" + name.replace("_", "-"), str(value)]
-    for name in ("no_greedy", "skip_malformed", "no_progress"):
+    for name in ("no_greedy", "skip_malformed", "subject_aligned", "no_progress"):
         if getattr(args, name):
             flags.append("--" + name.replace("_", "-"))
     return flags

@@ -239,3 +239,60 @@ def test_not_a_list_and_missing_file(tmp_path):
         data.load_records(path)
     with pytest.raises(FileNotFoundError):
         data.load_records(tmp_path / "missing.json")
+
+
+# ----------------------------------------------------------------------- subject alignment
+
+
+def _testbed_tokenizer():
+    from transformers import AutoTokenizer
+
+    from lemoe_easyedit import testbed
+
+    return AutoTokenizer.from_pretrained(str(testbed.shipped_model_path()))
+
+
+def test_subject_aligned_drops_exactly_what_easyedits_subject_index_gets_wrong():
+    import lemoe_easyedit  # noqa: F401  (EasyEdit importable here)
+    from easyeditor.models.rome.repr_tools import get_words_idxs_in_templates
+
+    tok = _testbed_tokenizer()
+    reqs = [{"prompt": p, "subject": s, "target_new": "x"} for p, s in [
+        ("Who was the designor of Albert and Edith Adelman House?", "Albert and Edith "
+         "Adelman House"),                                # merged with "?": misaligned
+        ("Cadillac Escalade, produced by", "Cadillac Escalade"),   # merged with ","
+        ("The mother tongue of Danielle Darrieux is", "Danielle Darrieux"),
+        ("Kel Kelu lives in Borona", "Kel Kelu"),
+        ("A prompt without it", "Nobody"),                 # subject missing: dropped
+    ]]
+    kept, dropped = data.subject_aligned(reqs, tok)
+    assert dropped == [0, 1, 4]
+    assert [r["prompt"] for r in kept] == [reqs[2]["prompt"], reqs[3]["prompt"]]
+    for i, r in enumerate(reqs[:4]):
+        template = r["prompt"].replace(r["subject"], "{}", 1)
+        idx = get_words_idxs_in_templates(tok, [template], [r["subject"]], "last")[0][0]
+        head = tok(r["prompt"][:r["prompt"].find(r["subject"]) + len(r["subject"])])
+        right = idx == len(head["input_ids"]) - 1 and \
+            tok(r["prompt"])["input_ids"][:idx + 1] == head["input_ids"]
+        assert right == (i not in dropped), r["prompt"]
+
+
+def test_runner_subject_aligned_flag_filters_and_records(tmp_path):
+    from lemoe_easyedit import runner
+
+    records = [{"prompt": "Cadillac Escalade, produced by", "subject": "Cadillac Escalade",
+                "target_new": "Honda", "ground_truth": "GM",
+                "locality": {}, "portability": {}},
+               {"prompt": "The mother tongue of Danielle Darrieux is",
+                "subject": "Danielle Darrieux", "target_new": "English",
+                "ground_truth": "French", "locality": {}, "portability": {}}]
+    path = write(tmp_path, "reqs.json", records)
+    args = runner.add_run_arguments(__import__("argparse").ArgumentParser()).parse_args(
+        ["--method", "LEMoE", "--hparams", "hparams/LEMoE/testbed-llama.yaml",
+         "--data", "testbed", "--data-path", str(path), "--subject-aligned",
+         "--out", str(tmp_path / "out")])
+    hp = runner.prepare_hparams(args.method, args.hparams, args)
+    with pytest.warns(UserWarning, match="left out 1 record"):
+        kept, dropped = runner._subject_aligned(data.load_dataset("testbed", str(path)), hp)
+    assert [r["subject"] for r in kept] == ["Danielle Darrieux"] and len(dropped) == 1
+    assert "--subject-aligned" in runner._forwarded_flags(args)
