@@ -153,7 +153,7 @@ def _edit_batches(model, layer: LEMoELayer, tok, requests: List[Dict], hp) -> No
     if layer.open_slot is not None:
         layer.open_slot.freeze()
     for batch in tqdm(planner.batches_, desc="LEMoE batches", leave=False,
-                      disable=len(planner.batches_) < 2):
+                      disable=True if len(planner.batches_) < 2 else None):  # None: TTY only
         slot = layer.new_slot(seed=hp.seed + len(layer.slots))
         slot.edits = [_record(layer, requests[i]) for i in batch]
         index = len(layer.slots) - 1

@@ -248,8 +248,9 @@ def _fit_expert(model, layer: LEMoELayer, slot_index: int, edits, tok, hp, progr
     step_loss = (_cached_losses if hp.cached_activations else _full_losses)(
         model, layer, slot_index, batches, hp)
     steps, losses = 0, [math.inf]
+    # disable=None: shown on a terminal only (no bar lines in logs and captured output).
     bar = tqdm(total=hp.max_steps, desc="LEMoE expert", leave=False,
-               disable=not progress or hp.max_steps < 20)
+               disable=True if not progress or hp.max_steps < 20 else None)
     while steps < hp.max_steps:
         losses = []
         for k in torch.randperm(len(batches), generator=gen).tolist():

@@ -308,14 +308,15 @@ def test_benchmark_runs_end_to_end_at_a_tiny_size(tiny_models, tmp_path):
                 "gen_tokens_per_s"):
         assert key in inst["serving"][0]
     for key in ("expert_bytes", "routing_table_bytes", "tensor_bytes_above_base",
-                "rss_growth_after_first_bytes"):
+                "rss_growth_after_first_bytes", "anon_growth_after_first_bytes"):
         assert key in inst
     tr = res["training"]
     assert tr["status"] == "ok" and tr["same_steps"] and tr["max_rel_loss_diff"] < 1e-4
     assert {"speedup", "cached_seconds", "full_seconds"} <= set(tr)
     assert {t["target"] for t in res["targets"]} >= {
         "throughput_vs_grace", "throughput_vs_rome", "cached_speedup", "latency_5",
-        "latency_100", "stream_growth", "marginal_growth", "memory", "tensor_growth"}
+        "latency_100", "stream_growth", "marginal_growth", "memory", "anon_growth",
+        "tensor_growth"}
     for heading in ("## Editing cost", "## LEMoE cost along the stream", "## Serving cost",
                     "## Memory after the installments", "## Cached-activation", "## Targets"):
         assert heading in md
