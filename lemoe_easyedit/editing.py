@@ -146,7 +146,7 @@ def _edit_batches(model, layer: LEMoELayer, tok, requests: List[Dict], hp) -> No
     encoded = encode_edits(tok, requests, hp.max_length)  # validates before any change
     device = layer.slots[0].routing.key.device if len(layer.slots) else \
         layer.queries.embed.weight.device
-    queries = prompt_queries(layer, tok, requests, hp.max_length, device)
+    queries = prompt_queries(model, layer, tok, requests, hp.max_length, device)
     planner = EditOrderPlanner(hp.edits_per_expert, hp.seed, enabled=hp.order_planning)
     planner.fit(queries.cpu().numpy())
     _check_capacity(layer, len(planner.batches_), hp)

@@ -19,7 +19,7 @@ from easyeditor.util.hparams import HyperParams  # noqa: E402  (needs the compat
 EXPERT_FORMS = ("ffn", "lora")
 EXPERT_INITS = ("copy", "random")
 ROUTERS = ("learned", "anchor")
-QUERY_POOLS = ("prefix_mean", "token")
+QUERY_POOLS = ("prefix_mean", "token", "ffn_input")
 KEY_INITS = ("random", "centroid")
 
 #: Where the YAML files of this repository live (found by name, e.g. "tiny-llama").
@@ -54,7 +54,10 @@ class LEMoEHyperParams(HyperParams):
     # Routing.
     top_k: int = 1
     router: str = "anchor"
-    query_pool: str = "prefix_mean"
+    #: ``prefix_mean`` / ``token``: queries from the embedding outputs (the paper's reading);
+    #: ``ffn_input``: the adapted FFN's own input, contextual and equally frozen (measured
+    #: best on the testbed, README "Routing choices").
+    query_pool: str = "ffn_input"
     router_dim: int = 64
     key_init: str = "centroid"
     route_loss_weight: float = 1.0

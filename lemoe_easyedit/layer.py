@@ -143,13 +143,7 @@ class LEMoELayer(nn.Module):
         if self.forced_routes is not None:
             routes = self.forced_routes
         else:
-            q, valid = self.queries.query, self.queries.valid
-            if q is None or q.shape[:2] != x.shape[:2]:
-                raise RuntimeError("LEMoE routing queries are missing for this forward; call the "
-                                   "whole model, not the layer alone")
-            if q.device != x.device:
-                q, valid = q.to(x.device), None if valid is None else valid.to(x.device)
-            routes = self.route(q, valid)
+            routes = self.route(*self.queries.current(x))
         self.__dict__["last_routes"] = routes  # (nn.Module.__setattr__ is slow)
         # Each expert runs once, on the positions routed to it, and only those positions get
         # its output added. The number of positions per expert decides how.

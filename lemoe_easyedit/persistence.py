@@ -73,7 +73,7 @@ _DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
 
 # hparams fields the layer and training read, with what each must be (manifest checks).
 _CHOICES = {"expert_form": ("ffn", "lora"), "expert_init": ("copy", "random"),
-            "router": ("learned", "anchor"), "query_pool": ("prefix_mean", "token"),
+            "router": ("learned", "anchor"), "query_pool": ("prefix_mean", "token", "ffn_input"),
             "key_init": ("random", "centroid")}
 _POSITIVE_INTS = ("lora_rank", "router_dim", "top_k", "max_length", "max_steps",
                   "train_batch_size")

@@ -2,10 +2,14 @@
 
 The query at position ``p`` is the mean of the (frozen) input embeddings over the non-padding
 positions ``<= p`` (``query_pool="prefix_mean"``), or the embedding of token ``p`` alone
-(``"token"``, the paper's token-level ablation). Because it depends only on the tokens up to
-``p``, the same position gets the same query when the model is trained on prompt+target, when
-prompt and target are scored in one teacher-forced forward, and when the target is generated
-token by token with a KV cache (the running sum is carried between generation steps).
+(``"token"``, the paper's token-level ablation), or the adapted FFN's own input at ``p``
+(``"ffn_input"``, our extension: contextual, and as frozen as the embeddings, since nothing
+below the adapted FFN is ever edited). Because it depends only on the tokens up to ``p``, the
+same position gets the same query when the model is trained on prompt+target, when prompt and
+target are scored in one teacher-forced forward, and when the target is generated token by
+token with a KV cache (the running sum is carried between generation steps). ``ffn_input``
+queries agree across those up to float rounding (a different batch shape or padding changes
+the hidden states in the last bits), which only matters for exact ties.
 
 Each expert owns a routing projection ``v = W_up SiLU(W_down q)`` and a key ``k``; its score is
 ``k . v``. It also keeps the normalised queries of the positions it was trained on (its
@@ -258,6 +262,10 @@ def select_routes(query: torch.Tensor, valid: Optional[torch.Tensor], table: Rou
     return Routes(idx.reshape(B, T, top_k), gate.reshape(B, T, top_k))
 
 
+#: ``query_pool`` whose queries are the adapted FFN's own input, not the embedding outputs.
+LAYER_INPUT_POOL = "ffn_input"
+
+
 class QueryBuilder:
     """Computes routing queries in a forward pre-hook of the whole model.
 
@@ -278,6 +286,19 @@ class QueryBuilder:
     def __call__(self, module: nn.Module, args, kwargs) -> None:
         bound = _bind_forward(module, args, kwargs)
         embeds = bound.get("inputs_embeds")
+        if self.pool == LAYER_INPUT_POOL:
+            # The layer builds the queries from its own input: only padding is needed here.
+            source = embeds if embeds is not None else bound.get("input_ids")
+            if source is None:
+                raise ValueError("LEMoE routing needs input_ids or inputs_embeds")
+            mask = bound.get("attention_mask")
+            T = source.shape[1]
+            if mask is None or mask.dim() != 2:
+                self.valid = None
+            else:
+                self.valid = (mask if mask.shape[1] == T else mask[:, -T:]) > 0
+            self.query = None
+            return
         if embeds is None:
             ids = bound.get("input_ids")
             if ids is None:
@@ -303,6 +324,29 @@ class QueryBuilder:
                 cur_mask = cur_mask.to(embeds.device)
         self.build(embeds, cur_mask, past)
 
+    def current(self, x: torch.Tensor):
+        """``(query, valid)`` for the adapted layer's input ``x`` ``[B, T, H]``.
+
+        With ``pool="ffn_input"`` the query of position ``p`` is ``x[:, p]`` normalised: the
+        FFN input of the adapted block, which only frozen parts of the model compute and which
+        depends only on the tokens up to ``p``. Otherwise it is what the model-level hook left.
+        """
+        if self.pool == LAYER_INPUT_POOL:
+            valid = self.valid
+            if valid is not None and valid.shape != x.shape[:2]:
+                raise RuntimeError("LEMoE routing mask does not match this forward; call the "
+                                   "whole model, not the layer alone")
+            if valid is not None and valid.device != x.device:
+                valid = valid.to(x.device)
+            return unit(x.detach().float()), valid
+        q, valid = self.query, self.valid
+        if q is None or q.shape[:2] != x.shape[:2]:
+            raise RuntimeError("LEMoE routing queries are missing for this forward; call the "
+                               "whole model, not the layer alone")
+        if q.device != x.device:
+            q, valid = q.to(x.device), None if valid is None else valid.to(x.device)
+        return q, valid
+
     def build(self, embeds: torch.Tensor, cur_mask: Optional[torch.Tensor], past: int) -> None:
         """Queries for ``embeds`` ``[B, T, H]`` that follow ``past`` already-seen positions.
 
@@ -325,10 +369,14 @@ class QueryBuilder:
             self._sum = q[:, -1]
         else:
             q = embeds
-        # F.normalize(q, dim=-1), in one operation fewer
-        self.query = q / torch.linalg.vector_norm(q, dim=-1, keepdim=True).clamp_min(1e-12)
+        self.query = unit(q)
         self.valid = None if cur_mask is None else cur_mask > 0
         self._seen = past + T
+
+
+def unit(q: torch.Tensor) -> torch.Tensor:
+    """``F.normalize(q, dim=-1)``, in one operation fewer."""
+    return q / torch.linalg.vector_norm(q, dim=-1, keepdim=True).clamp_min(1e-12)
 
 
 def _past_length(past) -> int:

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from .activation_cache import UpperStack
 from .layer import LEMoELayer
-from .routing import Routes
+from .routing import LAYER_INPUT_POOL, Routes
 
 
 @dataclass
@@ -87,20 +87,46 @@ def collate(edits: Sequence[EncodedEdit], pad_id: int, device) -> EditBatch:
     return EditBatch(ids.to(device), mask.to(device), labels.to(device), anchors.to(device))
 
 
-def edit_queries(layer: LEMoELayer, batch: EditBatch) -> torch.Tensor:
-    """Routing queries ``[B, L, H]`` of a batch, as the model-level hook computes them."""
-    with torch.no_grad():
-        embeds = layer.queries.embed(batch.input_ids).float()
-    layer.queries.build(embeds, batch.attention_mask.float(), past=0)
-    return layer.queries.query
+class _LayerInputSeen(Exception):
+    """Stops a forward once the adapted layer's input is known (nothing above is needed)."""
 
 
-def prompt_queries(layer: LEMoELayer, tok, requests: Sequence[Dict], max_length: int,
-                   device) -> torch.Tensor:
+def edit_queries(model: nn.Module, layer: LEMoELayer, batch: EditBatch) -> torch.Tensor:
+    """Routing queries ``[B, L, H]`` of a batch, as a forward of the model computes them.
+
+    Also leaves the batch's padding mask in ``layer.queries.valid``. Embedding-layer pools
+    need only the embeddings; ``ffn_input`` runs the model up to the adapted FFN.
+    """
+    queries = layer.queries
+    if queries.pool != LAYER_INPUT_POOL:
+        with torch.no_grad():
+            embeds = queries.embed(batch.input_ids).float()
+        queries.build(embeds, batch.attention_mask.float(), past=0)
+        return queries.query
+    seen = {}
+
+    def grab(module, args):
+        seen["x"] = args[0]
+        raise _LayerInputSeen
+
+    handle = layer.register_forward_pre_hook(grab)
+    try:
+        with torch.no_grad():
+            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                  use_cache=False)
+    except _LayerInputSeen:
+        pass
+    finally:
+        handle.remove()
+    return queries.current(seen["x"])[0]
+
+
+def prompt_queries(model: nn.Module, layer: LEMoELayer, tok, requests: Sequence[Dict],
+                   max_length: int, device) -> torch.Tensor:
     """One query per edit: the one at the prompt's last token (used for order planning)."""
     edits = encode_edits(tok, requests, max_length)
     batch = collate(edits, _pad_id(tok), device)
-    q = edit_queries(layer, batch)
+    q = edit_queries(model, layer, batch)
     last = torch.tensor([e.prompt_len - 1 for e in edits], device=q.device)
     return q[torch.arange(len(edits), device=q.device), last]
 
@@ -119,7 +145,7 @@ def train_slot(model: nn.Module, layer: LEMoELayer, slot_index: int,
     snapshot = {k: v.detach().clone() for k, v in slot.state_dict().items()}
     torch.manual_seed(hp.seed + slot_index)
     full = collate(edits, _pad_id(tok), device)
-    anchors = edit_queries(layer, full)[full.anchor_mask]
+    anchors = edit_queries(model, layer, full)[full.anchor_mask]
     slot.anchors = anchors.detach().clone()
     slot.unfreeze()
     # (Module.train/eval visit every module, the experts' included: a model already in eval
@@ -227,10 +253,10 @@ def fixed_minibatches(n: int, batch_size: int, gen: torch.Generator) -> List[Lis
     return [idx.tolist() for idx in torch.randperm(n, generator=gen).split(batch_size)]
 
 
-def batch_routes(layer: LEMoELayer, batch: EditBatch) -> Routes:
+def batch_routes(model: nn.Module, layer: LEMoELayer, batch: EditBatch) -> Routes:
     """The routing of every position of ``batch``, as the layer decides it in a forward."""
     with torch.no_grad():
-        q = edit_queries(layer, batch)
+        q = edit_queries(model, layer, batch)
         return layer.route(q, layer.queries.valid)
 
 
@@ -287,7 +313,7 @@ def _full_losses(model, layer, slot_index, batches, hp) -> Callable[[int], torch
 def _cached_losses(model, layer, slot_index, batches, hp) -> Callable[[int], torch.Tensor]:
     """Each step: the new expert and the blocks above it, from activations captured once."""
     stack = UpperStack(model, layer)
-    cached = [stack.capture(b, slot_index, batch_routes(layer, b)) for b in batches]
+    cached = [stack.capture(b, slot_index, batch_routes(model, layer, b)) for b in batches]
     expert = layer.slots[slot_index].expert
 
     def step_loss(k: int) -> torch.Tensor:

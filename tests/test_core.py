@@ -185,16 +185,19 @@ def _routes_at(layer):
     return layer.last_routes.expert[..., 0].clone()
 
 
-@pytest.mark.parametrize("router", ["learned", "anchor"])
+@pytest.mark.parametrize("router,pool", [("learned", "prefix_mean"), ("anchor", "prefix_mean"),
+                                         ("learned", "ffn_input"), ("anchor", "ffn_input")])
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_route_is_identical_in_training_scoring_and_generation(tiny_models, family, router):
+def test_route_is_identical_in_training_scoring_and_generation(tiny_models, family, router,
+                                                               pool):
     """(a) training forward, (b) teacher-forced prompt+target, (c) greedy generation with a
     KV cache, batches padded left and right: every target position takes the same expert."""
     path = tiny_models(family)
     model, tok = load(path)
     reqs = fact_requests(8)
     # Distinct targets so several experts are in play, and a guard so some positions get none.
-    hp = tiny_hp(path, edits_per_expert=3, max_steps=60, order_planning=False, router=router)
+    hp = tiny_hp(path, edits_per_expert=3, max_steps=60, order_planning=False, router=router,
+                 query_pool=pool)
     apply_lemoe_to_model(model, tok, reqs, hp)
     layer = find_adaptor(model)
     assert len(layer.slots) == 3

@@ -84,13 +84,14 @@ def same_state(a, b):
 
 # -- save / load ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family,pool", [("llama", "prefix_mean"), ("gpt2", "prefix_mean"),
+                                         ("llama", "ffn_input")])
 @pytest.mark.parametrize("mode", ["batch", "online"])
 def test_load_reproduces_logits_exactly_and_editing_continues(tiny_models, tmp_path, family,
-                                                              mode):
+                                                              pool, mode):
     path = tiny_models(family)
     model, tok = load(path)
-    hp = hp_for(path, family)
+    hp = dataclasses.replace(hp_for(path, family), query_pool=pool)
     reqs = fact_requests(8)
     if mode == "batch":
         apply_lemoe_to_model(model, tok, reqs[:6], hp)
