@@ -129,18 +129,24 @@ class RoutingTable:
                 self.key_dirs = torch.stack(
                     [s.routing.key_direction().detach() for s in slots]).float()
                 device = self.down.device
-                # All anchors as one [hidden, N] matrix: query @ anchors_t is the one product
-                # every forward makes, and a contiguous pre-transposed right operand makes it
-                # about twice as fast as F.linear against [N, hidden].
-                self.anchors_t = torch.cat([a.detach().to(device) for a in self._anchors]
-                                           ).float().t().contiguous()
+                # The anchors of the enabled experts, newest expert first, as one [hidden, N]
+                # matrix with the owner of each column. query @ anchors_t is the one product
+                # every forward makes (a contiguous pre-transposed operand makes it about
+                # twice as fast as F.linear against [N, hidden]); max() returns the first of
+                # equal maxima, so an exact tie goes to the newest expert: a prompt edited
+                # again routes to its latest edit, with no offset that could outweigh a real
+                # difference in similarity.
+                live = [i for i in reversed(range(self.n)) if bool(self.enabled[i])]
+                self.anchors_t = torch.cat(
+                    [self._anchors[i].detach().to(device).float() for i in live]
+                    + [torch.zeros(0, self.down.shape[1], device=device)]).t().contiguous()
                 self.n_anchors = self.anchors_t.shape[1]
-                self.owner = torch.cat([torch.full((len(a),), i, dtype=torch.long)
-                                        for i, a in enumerate(self._anchors)]).to(device)
+                self.owner = torch.cat([torch.full((len(self._anchors[i]),), i, dtype=torch.long)
+                                        for i in live] + [torch.zeros(0, dtype=torch.long)]
+                                       ).to(device)
                 self.dead = ~self.enabled.to(device)
+                # Per expert: later experts win exact ties of the per-expert scores.
                 self.order = torch.arange(self.n, device=device, dtype=torch.float32) * 1e-6
-                # Per anchor: its expert's tie-breaking offset, -inf for a disabled expert.
-                self.anchor_bias = self.order.masked_fill(self.dead, float("-inf"))[self.owner]
                 counts = torch.bincount(self.owner, minlength=self.n)
                 self.all_live_anchored = bool((counts[self.enabled.to(device)] > 0).all())
 
@@ -206,20 +212,14 @@ def select_routes(query: torch.Tensor, valid: Optional[torch.Tensor], table: Rou
     flat = query.reshape(B * T, -1)
     k = min(top_k, table.live)
     if router == "anchor" and k == 1 and table.all_live_anchored:
-        # The expert with the nearest anchor is the owner of the nearest anchor: one max over
-        # all anchors (ties: the lower index, i.e. the earlier expert, as argmax over experts
-        # would choose; the offsets make later experts win exact ties).
-        # One fused product-plus-offset and one max (values and indices together: cheaper
-        # than argmax followed by a gather of the similarity).
-        flat = flat if flat.dtype == torch.float32 else flat.float()
-        best_sim, best = torch.addmm(table.anchor_bias, flat, table.anchors_t).max(
-            1, keepdim=True)
+        # The expert with the nearest anchor is the owner of the nearest anchor: one product
+        # and one max over the enabled experts' anchors (values and indices together,
+        # cheaper than argmax and a gather).
+        best_sim, best = table.similarities(flat).max(1, keepdim=True)
         idx = table.owner[best]
         drop = None if valid is None else ~valid.reshape(-1, 1)
         if guard:
-            # best_sim holds the offset of the chosen anchor's expert (< 1e-6 per expert):
-            # compare the similarity itself, as the per-expert path does.
-            far = best_sim - table.anchor_bias[best] < threshold
+            far = best_sim < threshold
             drop = far if drop is None else drop | far
         if drop is not None:
             idx = idx.masked_fill(drop, -1)

@@ -320,3 +320,22 @@ def test_benchmark_runs_end_to_end_at_a_tiny_size(tiny_models, tmp_path):
     for heading in ("## Editing cost", "## LEMoE cost along the stream", "## Serving cost",
                     "## Memory after the installments", "## Cached-activation", "## Targets"):
         assert heading in md
+
+
+def test_anchor_router_gives_exact_ties_to_the_newest_expert_and_skips_disabled(tiny_models):
+    model, tok, layer = _layer_with_slots(tiny_models, 4, router="anchor", top_k=1,
+                                          locality_guard=True, guard_threshold=0.5)
+    shared = F.normalize(torch.randn(2, layer.hidden), dim=-1)
+    for i in (0, 1, 2):                      # the same stored queries in three experts
+        layer.slots[i].anchors = shared.clone()
+    q = shared.reshape(1, 2, -1)
+    valid = torch.ones(1, 2, dtype=torch.bool)
+    assert layer.route(q, valid).expert.view(-1).tolist() == [2, 2]
+    with torch.no_grad():
+        layer.slots[2].enabled[...] = 0.0    # switched off: the next newest holder wins
+    assert layer.route(q, valid).expert.view(-1).tolist() == [1, 1]
+    far = F.normalize(torch.randn(1, 1, layer.hidden), dim=-1)
+    got = layer.route(far, torch.ones(1, 1, dtype=torch.bool)).expert.item()
+    exp, _ = reference_routes(far, torch.ones(1, 1, dtype=torch.bool), list(layer.slots),
+                              router="anchor", top_k=1, guard=True, threshold=0.5)
+    assert got == exp.item()
