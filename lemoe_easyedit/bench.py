@@ -144,21 +144,26 @@ def _rss_bytes() -> int:
         return _peak_rss_bytes()
 
 
+def _status_bytes(field: str) -> Optional[int]:
+    """A ``kB`` field of ``/proc/self/status`` in bytes; None where there is none (not Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def _anon_rss_bytes() -> Optional[int]:
     """Resident anonymous memory (heap and other private allocations) of this process.
 
     Unlike the whole RSS it leaves out file-backed pages: the code of torch's shared
     libraries is paged in as new kernels first run, which grows the RSS by megabytes without
-    allocating anything. None where ``/proc/self/status`` has no ``RssAnon`` (not Linux).
+    allocating anything.
     """
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+    return _status_bytes("RssAnon")
 
 
 def _peak_rss_bytes() -> int:
@@ -166,13 +171,9 @@ def _peak_rss_bytes() -> int:
 
     On Linux ``VmHWM`` (``ru_maxrss`` would include the parent's peak from before exec).
     """
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
+    peak = _status_bytes("VmHWM")
+    if peak is not None:
+        return peak
     import resource  # Unix only
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
