@@ -123,6 +123,9 @@ def test_lemoe_on_the_testbed_T50():
     s = res["summary"]
     assert s["rel"] >= 0.9, s
     assert s["loc"] >= 0.95, s
+    # The FFN-input routing query generalises to the paraphrases (README, "Routing"): the
+    # embedding prefix mean it replaced reached 0.96 here, 0.87 at T=200.
+    assert s["gen"] >= 0.98, s
 
 
 @pytest.mark.parametrize("method", ["ROME", "MEMIT", "FT", "GRACE", "LEMoE"])
