@@ -408,7 +408,8 @@ def _table_bytes(layer) -> int:
     if table is None or not table.n:
         return 0
     return sum(t.numel() * t.element_size() for t in (
-        table.down, table.key_dirs, table.anchors_t, table.owner, table.enabled, table.dead))
+        table.down, table.key_dirs, table.anchors_t, table.owner, table.enabled, table.dead,
+        table.anchor_bias))
 
 
 def _lemoe_worker(job: dict) -> dict:

@@ -129,13 +129,10 @@ class RoutingTable:
                 self.key_dirs = torch.stack(
                     [s.routing.key_direction().detach() for s in slots]).float()
                 device = self.down.device
-                # The anchors of the enabled experts, newest expert first, as one [hidden, N]
-                # matrix with the owner of each column. query @ anchors_t is the one product
-                # every forward makes (a contiguous pre-transposed operand makes it about
-                # twice as fast as F.linear against [N, hidden]); max() returns the first of
-                # equal maxima, so an exact tie goes to the newest expert: a prompt edited
-                # again routes to its latest edit, with no offset that could outweigh a real
-                # difference in similarity.
+                # The anchors of the enabled experts as one [hidden, N] matrix with the owner
+                # of each column: query @ anchors_t is the one product every forward makes (a
+                # contiguous pre-transposed operand makes it about twice as fast as F.linear
+                # against [N, hidden]).
                 live = [i for i in reversed(range(self.n)) if bool(self.enabled[i])]
                 self.anchors_t = torch.cat(
                     [self._anchors[i].detach().to(device).float() for i in live]
@@ -147,6 +144,12 @@ class RoutingTable:
                 self.dead = ~self.enabled.to(device)
                 # Per expert: later experts win exact ties of the per-expert scores.
                 self.order = torch.arange(self.n, device=device, dtype=torch.float32) * 1e-6
+                # Per anchor, for the top-1 path: an offset rising with the expert's index but
+                # spanning less than 1e-6 in all, so that a near-tie (the same prompt stored
+                # again, its hidden states a few ulps apart because they were computed in a
+                # batch of another shape) goes to the newest expert, while no real difference
+                # in similarity is ever outweighed, however many experts there are.
+                self.anchor_bias = (self.owner.float() + 1.0) * (1e-6 / (self.n + 1))
                 counts = torch.bincount(self.owner, minlength=self.n)
                 self.all_live_anchored = bool((counts[self.enabled.to(device)] > 0).all())
 
@@ -213,9 +216,12 @@ def select_routes(query: torch.Tensor, valid: Optional[torch.Tensor], table: Rou
     k = min(top_k, table.live)
     if router == "anchor" and k == 1 and table.all_live_anchored:
         # The expert with the nearest anchor is the owner of the nearest anchor: one product
-        # and one max over the enabled experts' anchors (values and indices together,
-        # cheaper than argmax and a gather).
-        best_sim, best = table.similarities(flat).max(1, keepdim=True)
+        # (plus the tie-breaking offsets) and one max over the enabled experts' anchors
+        # (values and indices together, cheaper than argmax and a gather). The guard reads
+        # the offset similarity: it moves the threshold by less than 1e-6.
+        flat = flat if flat.dtype == torch.float32 else flat.float()
+        best_sim, best = torch.addmm(table.anchor_bias, flat, table.anchors_t).max(
+            1, keepdim=True)
         idx = table.owner[best]
         drop = None if valid is None else ~valid.reshape(-1, 1)
         if guard:

@@ -339,3 +339,24 @@ def test_anchor_router_gives_exact_ties_to_the_newest_expert_and_skips_disabled(
     exp, _ = reference_routes(far, torch.ones(1, 1, dtype=torch.bool), list(layer.slots),
                               router="anchor", top_k=1, guard=True, threshold=0.5)
     assert got == exp.item()
+
+
+def test_anchor_router_near_ties_go_to_the_newest_expert_real_differences_do_not(tiny_models):
+    model, tok, layer = _layer_with_slots(tiny_models, 4, router="anchor", top_k=1,
+                                          locality_guard=True, guard_threshold=0.5)
+    torch.manual_seed(1)
+    q = F.normalize(torch.randn(layer.hidden, dtype=torch.float64), dim=0)
+    u = torch.randn(layer.hidden, dtype=torch.float64)
+    u = F.normalize(u - (u @ q) * q, dim=0)              # orthogonal to q
+
+    def at_cosine_gap(gap):                               # cos(q, result) = 1 - gap
+        d = (2 * gap) ** 0.5
+        return F.normalize(q + d * u, dim=0).float().reshape(1, -1)
+
+    valid = torch.ones(1, 1, dtype=torch.bool)
+    query = q.float().reshape(1, 1, -1)
+    layer.slots[0].anchors = q.float().reshape(1, -1)     # the older expert: exact
+    layer.slots[2].anchors = at_cosine_gap(1e-7)          # newer, a few ulps further
+    assert layer.route(query, valid).expert.item() == 2  # near-tie: the newest wins
+    layer.slots[2].anchors = at_cosine_gap(1e-5)          # newer but really further
+    assert layer.route(query, valid).expert.item() == 0

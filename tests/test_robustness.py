@@ -285,13 +285,14 @@ def test_conflicting_edits_in_one_call_and_in_the_open_expert(tiny_models):
     assert produced(model, tok, b) and not produced(model, tok, a)
 
 
-@pytest.mark.parametrize("router", ["anchor", "learned"])
-def test_conflicting_edits_across_experts_later_wins(tiny_models, router):
+@pytest.mark.parametrize("router,pool", [("anchor", "prefix_mean"), ("learned", "prefix_mean"),
+                                         ("anchor", "ffn_input"), ("learned", "ffn_input")])
+def test_conflicting_edits_across_experts_later_wins(tiny_models, router, pool):
     """A prompt edited again in a later expert: the later target is produced, and rolling
     the later expert back gives the earlier target (exact logits) again."""
     path = tiny_models("llama")
     model, tok = load(path)
-    hp = hp_for(path, router=router, max_steps=60)
+    hp = hp_for(path, router=router, max_steps=60, query_pool=pool)
     r = fact_requests(6)
     a, b = _conflict(r[0], "Paris"), _conflict(r[0], "Tokyo")
     apply_lemoe_to_model(model, tok, [a, r[1], r[2]], hp)     # expert 0 holds a
