@@ -56,7 +56,7 @@ class LEMoEHyperParams(HyperParams):
     router: str = "anchor"
     #: ``prefix_mean`` / ``token``: queries from the embedding outputs (the paper's reading);
     #: ``ffn_input``: the adapted FFN's own input, contextual and equally frozen (measured
-    #: best on the testbed, README "Routing choices").
+    #: best on the testbed, README "What the paper leaves open").
     query_pool: str = "ffn_input"
     router_dim: int = 64
     key_init: str = "centroid"

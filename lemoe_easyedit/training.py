@@ -118,6 +118,8 @@ def edit_queries(model: nn.Module, layer: LEMoELayer, batch: EditBatch) -> torch
         pass
     finally:
         handle.remove()
+    if "x" not in seen:
+        raise RuntimeError("the model's forward never reached the LEMoE layer")
     return queries.current(seen["x"])[0]
 
 
