@@ -78,6 +78,7 @@ __all__ = [
     "PROTOCOL_VERSION",
     "METRIC_KEYS",
     "edit_calls",
+    "load_tokenizer",
     "edit_mode",
     "implementation_of",
     "load_hparams",
@@ -219,11 +220,9 @@ def load_model_and_tokenizer(hparams, model_name: Optional[str] = None, on_devic
     right padding for ROME/MEMIT and left otherwise), on ``resolve_device(hparams.device)``
     (``model_parallel``: ``device_map="auto"``). Writes no log file."""
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    name = model_name or hparams.model_name
-    if not isinstance(name, str):
-        raise ValueError(f"hparams.model_name must be a path or hub name, got {name!r}")
+    name = _model_name(hparams, model_name)
     major = int(transformers.__version__.split(".")[0])
     dtype_key = "dtype" if major >= 5 else "torch_dtype"
     parallel = bool(getattr(hparams, "model_parallel", False))
@@ -232,13 +231,27 @@ def load_model_and_tokenizer(hparams, model_name: Optional[str] = None, on_devic
         kwargs["device_map"] = "auto"
     model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
     model.eval()
-    tok = AutoTokenizer.from_pretrained(name)
+    tok = load_tokenizer(hparams, name)
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "right" if hparams.alg_name in ("ROME", "MEMIT") else "left"
     if on_device and not parallel:
         model.to(compat.resolve_device(getattr(hparams, "device", None)))
     return model, tok
+
+
+def _model_name(hparams, model_name: Optional[str] = None) -> str:
+    name = model_name or hparams.model_name
+    if not isinstance(name, str):
+        raise ValueError(f"hparams.model_name must be a path or hub name, got {name!r}")
+    return name
+
+
+def load_tokenizer(hparams, model_name: Optional[str] = None):
+    """The tokenizer of ``hparams.model_name`` (or ``model_name``), as loaded for editing."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(_model_name(hparams, model_name))
 
 
 def _model_device(model) -> torch.device:

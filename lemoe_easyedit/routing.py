@@ -133,7 +133,8 @@ class RoutingTable:
                 # of each column: query @ anchors_t is the one product every forward makes (a
                 # contiguous pre-transposed operand makes it about twice as fast as F.linear
                 # against [N, hidden]).
-                live = [i for i in reversed(range(self.n)) if bool(self.enabled[i])]
+                flags = self.enabled.tolist()
+                live = [i for i in reversed(range(self.n)) if flags[i]]
                 self.anchors_t = torch.cat(
                     [self._anchors[i].detach().to(device).float() for i in live]
                     + [torch.zeros(0, self.down.shape[1], device=device)]).t().contiguous()
@@ -142,14 +143,15 @@ class RoutingTable:
                                         for i in live] + [torch.zeros(0, dtype=torch.long)]
                                        ).to(device)
                 self.dead = ~self.enabled.to(device)
-                # Per expert: later experts win exact ties of the per-expert scores.
-                self.order = torch.arange(self.n, device=device, dtype=torch.float32) * 1e-6
-                # Per anchor, for the top-1 path: an offset rising with the expert's index but
-                # spanning less than 1e-6 in all, so that a near-tie (the same prompt stored
-                # again, its hidden states a few ulps apart because they were computed in a
-                # batch of another shape) goes to the newest expert, while no real difference
-                # in similarity is ever outweighed, however many experts there are.
-                self.anchor_bias = (self.owner.float() + 1.0) * (1e-6 / (self.n + 1))
+                # Per expert, added to its similarities by both anchor-router paths: an offset
+                # rising with the expert's index but spanning less than 1e-6 in all, so that a
+                # near-tie (the same prompt stored again, its hidden states a few ulps apart
+                # because they were computed in a batch of another shape) goes to the newest
+                # expert, while no real difference in similarity is ever outweighed, however
+                # many experts there are. ``anchor_bias`` is the same offset per anchor.
+                self.order = (torch.arange(self.n, device=device, dtype=torch.float32) + 1.0) \
+                    * (1e-6 / (self.n + 1))
+                self.anchor_bias = self.order[self.owner]
                 counts = torch.bincount(self.owner, minlength=self.n)
                 self.all_live_anchored = bool((counts[self.enabled.to(device)] > 0).all())
 
@@ -291,24 +293,20 @@ class QueryBuilder:
 
     def __call__(self, module: nn.Module, args, kwargs) -> None:
         bound = _bind_forward(module, args, kwargs)
-        embeds = bound.get("inputs_embeds")
+        embeds, ids = bound.get("inputs_embeds"), bound.get("input_ids")
+        if embeds is None and ids is None:
+            raise ValueError("LEMoE routing needs input_ids or inputs_embeds")
+        T = (embeds if embeds is not None else ids).shape[1]
+        mask = bound.get("attention_mask")
+        # The padding mask of the positions of this forward (the last T of a cached sequence).
+        cur_mask = None if mask is None or mask.dim() != 2 else \
+            mask if mask.shape[1] == T else mask[:, -T:]
         if self.pool == LAYER_INPUT_POOL:
             # The layer builds the queries from its own input: only padding is needed here.
-            source = embeds if embeds is not None else bound.get("input_ids")
-            if source is None:
-                raise ValueError("LEMoE routing needs input_ids or inputs_embeds")
-            mask = bound.get("attention_mask")
-            T = source.shape[1]
-            if mask is None or mask.dim() != 2:
-                self.valid = None
-            else:
-                self.valid = (mask if mask.shape[1] == T else mask[:, -T:]) > 0
             self.query = None
+            self.valid = None if cur_mask is None else cur_mask > 0
             return
         if embeds is None:
-            ids = bound.get("input_ids")
-            if ids is None:
-                raise ValueError("LEMoE routing needs input_ids or inputs_embeds")
             with torch.no_grad():
                 emb = self.embed
                 if type(emb) is nn.Embedding and emb.max_norm is None:
@@ -319,15 +317,9 @@ class QueryBuilder:
             embeds = embeds.detach()
         if embeds.dtype != torch.float32:
             embeds = embeds.float()
-        T = embeds.shape[1]
         past = _past_length(bound.get("past_key_values"))
-        mask = bound.get("attention_mask")
-        if mask is None or mask.dim() != 2:
-            cur_mask = None
-        else:
-            cur_mask = mask if mask.shape[1] == T else mask[:, -T:]
-            if cur_mask.device != embeds.device:
-                cur_mask = cur_mask.to(embeds.device)
+        if cur_mask is not None and cur_mask.device != embeds.device:
+            cur_mask = cur_mask.to(embeds.device)
         self.build(embeds, cur_mask, past)
 
     def current(self, x: torch.Tensor):

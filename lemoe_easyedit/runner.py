@@ -221,20 +221,17 @@ def _subject_aligned(requests: List[dict], hp) -> Tuple[List[dict], List[int]]:
     """``--subject-aligned``: drop (and name) the records the model's tokenizer misaligns."""
     import warnings
 
-    from transformers import AutoTokenizer
-
     from .data import subject_aligned
+    from .evaluation import load_tokenizer
 
-    name = hp.model_name if isinstance(hp.model_name, str) else None
-    if name is None:
-        raise ValueError("--subject-aligned needs hparams.model_name to be a model path")
-    kept, dropped = subject_aligned(requests, AutoTokenizer.from_pretrained(name))
-    if dropped:
-        shown = ", ".join(str(requests[i].get("case_id", i)) for i in dropped[:20])
-        more = f" and {len(dropped) - 20} more" if len(dropped) > 20 else ""
-        warnings.warn(f"--subject-aligned: left out {len(dropped)} record(s) whose subject "
+    kept, dropped = subject_aligned(requests, load_tokenizer(hp))
+    ids = [requests[i].get("case_id", i) for i in dropped]
+    if ids:
+        shown = ", ".join(map(str, ids[:20]))
+        more = f" and {len(ids) - 20} more" if len(ids) > 20 else ""
+        warnings.warn(f"--subject-aligned: left out {len(ids)} record(s) whose subject "
                       f"does not end on a token boundary of the prompt (case_id {shown}{more})")
-    return kept, [requests[i].get("case_id", i) for i in dropped]
+    return kept, ids
 
 
 def run(args: argparse.Namespace) -> Dict[str, Any]:
