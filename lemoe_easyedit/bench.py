@@ -412,6 +412,27 @@ def _table_bytes(layer) -> int:
         table.anchor_bias))
 
 
+def _warm_up_runtime(model, tok, stream: Sequence[dict], prompts: Sequence[str],
+                     warm_edits: Sequence[dict], hp) -> None:
+    """Make the memory baseline the loaded model with a warm runtime, not a cold one.
+
+    Before the baseline: the tokenizer sees every text the run will tokenize (a fast
+    tokenizer caches each new word, 2 MB over 1000 testbed edits, which is the tokenizer's
+    memory, not the edited model's), and one edit call is made and taken out again, so that
+    the one-off allocations of a first call (kernel scratch space, caches torch and the
+    libraries build lazily) are in the baseline too. The model is as loaded afterwards.
+    """
+    from .editing import apply_lemoe_to_model
+    from .injection import remove_adaptor
+    from .training import encode_edits
+
+    encode_edits(tok, stream, 10 ** 6)
+    for p in prompts:
+        tok(p)
+    model, _ = apply_lemoe_to_model(model, tok, [copy.deepcopy(r) for r in warm_edits], hp)
+    remove_adaptor(model)
+
+
 def _lemoe_worker(job: dict) -> dict:
     """LEMoE twice over.
 
@@ -433,7 +454,7 @@ def _lemoe_worker(job: dict) -> dict:
     requests = json.loads(Path(job["requests"]).read_text())
     T, epe, window = max(job["stream"]), job["edits_per_expert"], job["window"]
 
-    # -- 2. installments (first: its memory baseline is the freshly loaded model) ---------
+    # -- 2. installments (first: its memory baseline is the loaded model, warmed up) ------
     inst_hp = dataclasses.replace(hp, edits_per_expert=epe, batch_size=max(hp.batch_size, epe))
     model, tok = load_model_and_tokenizer(inst_hp)
     # Latency prompts: half edited by the first checkpoint, half never edited (locality
@@ -446,6 +467,8 @@ def _lemoe_worker(job: dict) -> dict:
     prompts = [(edited_prompts if i % 2 == 0 or not other else other)[(i // 2) % max(
         1, len(edited_prompts if i % 2 == 0 or not other else other))] for i in range(n_lat)]
     _rewrite_accuracy(model, tok, requests[:2])  # warm-up of the forward path
+    _warm_up_runtime(model, tok, requests[:T], prompts, requests[T:T + epe] or requests[:epe],
+                     inst_hp)
     base = _memory_point()
     stream, serving = [], []
     checkpoints = set(job["experts"])
@@ -742,7 +765,10 @@ TARGETS = (
                       "(protocol mode, fresh model each)", 1.20),
     ("marginal_growth", "marginal time per edit at T=max within 20% of that at T=min "
                         "(installments)", 1.20),
-    ("memory", "RSS above the loaded model = experts' bytes within 10%", 0.10),
+    ("memory", "RSS above the loaded model (warm runtime) = experts' bytes within 10%",
+     0.10),
+    ("anon_memory", "anonymous RSS (no shared-library pages) above the loaded model (warm "
+                    "runtime) = experts' bytes within 10%", 0.10),
     ("memory_growth", "RSS growth after the first call = bytes of the experts added, "
                       "within 10%", 0.10),
     ("anon_growth", "anonymous RSS growth (no shared-library pages) after the first call = "
@@ -785,6 +811,9 @@ def _evaluate_targets(res: dict) -> List[dict]:
             value = _growth(inst["seconds_per_edit_at"])
         elif key == "memory" and ok and inst["expert_bytes"]:
             value, band = inst["rss_above_base_bytes"] / inst["expert_bytes"], True
+        elif key == "anon_memory" and ok and inst["expert_bytes"] and \
+                inst.get("anon_above_base_bytes") is not None:
+            value, band = inst["anon_above_base_bytes"] / inst["expert_bytes"], True
         elif key == "memory_growth" and ok and inst["expert_bytes_after_first"]:
             value = inst["rss_growth_after_first_bytes"] / inst["expert_bytes_after_first"]
             band = True
@@ -1036,7 +1065,7 @@ def markdown(res: dict) -> str:
                   "anonymous RSS growth (MB) | ratio | live tensor growth (MB) | ratio |",
                   "|---|---|---|---|---|---|---|---|"]
         for label, eb, rss, anon, ten in (
-                ("loaded model -> end of stream", inst["expert_bytes"],
+                ("loaded model (warm runtime) -> end of stream", inst["expert_bytes"],
                  inst["rss_above_base_bytes"], inst.get("anon_above_base_bytes"),
                  inst["tensor_bytes_above_base"]),
                 ("end of first call -> end of stream", inst["expert_bytes_after_first"],

@@ -6,8 +6,11 @@ until it is trained.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .model_families import ModelFamily, ffn_width, proj_weight
 
@@ -50,9 +53,21 @@ class FFNExpert(nn.Module):
                 self.w_in.bias[:n] = proj.bias[:n]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.serving_function()(x)
+
+    def serving_function(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """This expert's forward as a closure over its weight tensors.
+
+        The same operations as calling the module, without the module-call and attribute
+        overhead of four ``nn.Module`` calls: the serving path (the layer's routing table
+        keeps one per expert) runs it on nearly every forward of an edited model.
+        """
+        act = self.act.forward  # the host's activation, without the module-call overhead
+        w_in, b_in, w_out = self.w_in.weight, self.w_in.bias, self.w_out.weight
         if self.gated:
-            return self.w_out(self.act(self.w_gate(x)) * self.w_in(x))
-        return self.w_out(self.act(self.w_in(x)))
+            w_gate = self.w_gate.weight
+            return lambda x: F.linear(act(F.linear(x, w_gate)) * F.linear(x, w_in, b_in), w_out)
+        return lambda x: F.linear(act(F.linear(x, w_in, b_in)), w_out)
 
 
 class LoRAExpert(nn.Module):
@@ -69,7 +84,12 @@ class LoRAExpert(nn.Module):
             nn.init.zeros_(self.up.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.up(self.down(x))
+        return self.serving_function()(x)
+
+    def serving_function(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """This expert's forward as a closure over its weights (see FFNExpert's)."""
+        down, up = self.down.weight, self.up.weight
+        return lambda x: F.linear(F.linear(x, down), up)
 
 
 def make_expert(host_mlp: nn.Module, fam: ModelFamily, form: str, width: int | None,

@@ -7,6 +7,8 @@ Slots of finished batches are frozen: their tensors never receive gradients agai
 
 from __future__ import annotations
 
+import functools
+import struct
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -14,8 +16,25 @@ import torch.nn as nn
 
 from .experts import make_expert
 from .model_families import ModelFamily
-from .routing import (QueryBuilder, RoutingProjection, Routes, RoutingTable,
-                      select_routes)
+from .routing import (LAYER_INPUT_POOL, QueryBuilder, RoutingProjection, Routes,
+                      RoutingTable, note_slot_change, select_routes)
+
+
+class SlotList(nn.ModuleList):
+    """The layer's slots; adding, replacing or removing one is noted for the routing table
+    (:func:`~.routing.note_slot_change`), so that serving need not re-check every slot."""
+
+    def __setattr__(self, name: str, value) -> None:
+        super().__setattr__(name, value)  # also what __setitem__ and __delitem__ go through
+        note_slot_change()
+
+    def add_module(self, name: str, module: Optional[nn.Module]) -> None:
+        super().add_module(name, module)  # append and extend
+        note_slot_change()
+
+    def insert(self, index: int, module: nn.Module) -> None:
+        super().insert(index, module)
+        note_slot_change()
 
 
 class ExpertSlot(nn.Module):
@@ -23,7 +42,9 @@ class ExpertSlot(nn.Module):
 
     ``enabled`` is a (frozen) parameter rather than a Python flag so that EasyEdit's release,
     which restores an edit by writing saved tensors back into named parameters, can switch an
-    expert off exactly.
+    expert off exactly. Assigning a slot's tensors or loading a state dict into it is noted
+    for the routing table; the one in-place write the table checks for itself is to
+    ``enabled`` (EasyEdit's release). Change anchors by assigning them, not in place.
     """
 
     def __init__(self, expert: nn.Module, projection: RoutingProjection, hidden: int) -> None:
@@ -35,6 +56,14 @@ class ExpertSlot(nn.Module):
         self.register_buffer("anchors", torch.zeros(0, hidden, device=projection.key.device))
         self.frozen = False
         self.edits: List[Dict[str, Any]] = []
+
+    def __setattr__(self, name: str, value) -> None:
+        super().__setattr__(name, value)
+        note_slot_change()
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        note_slot_change()
 
     @property
     def is_enabled(self) -> bool:
@@ -65,10 +94,35 @@ class LEMoELayer(nn.Module):
         self.hparams = hparams
         self.queries = queries
         self.hidden = hidden
-        self.slots = nn.ModuleList()
+        self.slots = SlotList()
         #: Set by training to route every position as a given tensor says (or None).
         self.forced_routes: Optional[Routes] = None
-        self.last_routes: Optional[Routes] = None
+        self._last_routes: Any = None
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == "slots" and isinstance(value, nn.ModuleList) and \
+                not isinstance(value, SlotList):
+            value = SlotList(value)
+        super().__setattr__(name, value)
+        if name == "slots":
+            note_slot_change()
+
+    def __getstate__(self) -> Dict[str, Any]:
+        # The routing table holds closures (not picklable, and a deep copy would share them
+        # with the original's weights): copies and pickles rebuild it on first use.
+        state = dict(self.__dict__)
+        state.pop("_routing_table", None)
+        state["_last_routes"] = self.last_routes
+        return state
+
+    @property
+    def last_routes(self) -> Optional[Routes]:
+        """The routes of the latest forward (built on first access after a serving forward)."""
+        last = self.__dict__.get("_last_routes")
+        if callable(last):
+            last = last()
+            self.__dict__["_last_routes"] = last
+        return last
 
     # -- experts -------------------------------------------------------------------------
     def new_slot(self, seed: Optional[int] = None) -> ExpertSlot:
@@ -119,7 +173,7 @@ class LEMoELayer(nn.Module):
         a change to those alone does not force a rebuild.
         """
         table = self.__dict__.get("_routing_table")
-        if table is None or not table.is_current(self.slots, learned):
+        if table is None or not table.is_current(learned):
             table = RoutingTable(self.slots)
             self.__dict__["_routing_table"] = table
         return table
@@ -138,13 +192,82 @@ class LEMoELayer(nn.Module):
     # -- forward -------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
+        hp = self.hparams
+        if self.forced_routes is None and hp.router == "anchor" and hp.top_k == 1:
+            table = self.routing_table(False)
+            if not table.live:  # no experts, or none enabled
+                self.__dict__["_last_routes"] = None
+                return out
+            if table.all_live_anchored and x.shape[0] * x.shape[1] <= _PYTHON_GROUPING:
+                return self._serve_nearest_anchor(x, out, table)
         if not len(self.slots):
             return out
         if self.forced_routes is not None:
             routes = self.forced_routes
         else:
             routes = self.route(*self.queries.current(x))
-        self.__dict__["last_routes"] = routes  # (nn.Module.__setattr__ is slow)
+        self.__dict__["_last_routes"] = routes  # (nn.Module.__setattr__ is slow)
+        return self._add_expert_outputs(x, out, routes)
+
+    def _serve_nearest_anchor(self, x: torch.Tensor, out: torch.Tensor,
+                              table: RoutingTable) -> torch.Tensor:
+        """Top-1 nearest-anchor routing and the routed experts, in as few tensor operations as
+        the forward of an edited model can take: it runs on every forward.
+
+        The same routes as :func:`~.routing.select_routes` (its top-1 anchor path): one
+        product against the stacked anchors (plus the tie-breaking offsets) and one max. The
+        guard, the padding mask and the grouping by expert are then read in Python from the
+        few numbers of a prompt or a generation step, which costs less than the tensor
+        operations they would take; each routed expert runs once, on its positions only.
+        """
+        hp = self.hparams
+        B, T, H = x.shape
+        queries = self.queries
+        if queries.pool == LAYER_INPUT_POOL:
+            q, valid = queries.current(x, normalise=False)
+            q = q.reshape(B * T, H)
+            # Unit queries without the clamp of ``unit``: the same bits for any non-zero
+            # state; a zero one gives NaN, which the guard's ``>=`` drops.
+            q = q / torch.linalg.vector_norm(q, dim=1, keepdim=True)
+        else:
+            q, valid = queries.current(x)
+            q = q.reshape(B * T, H)
+        best, column = torch.addmm(table.anchor_bias, q, table.anchors_t).max(1)
+        columns = column.tolist()
+        keep = [True] * (B * T) if valid is None else valid.reshape(-1).tolist()
+        if hp.locality_guard:
+            # Compared as float32, as select_routes compares the tensor with the number.
+            threshold = _float32(hp.guard_threshold)
+            keep = [k and b >= threshold for k, b in zip(keep, best.tolist())]
+        owner = table.owner_list
+        groups: Dict[int, List[int]] = {}
+        for p, (k, c) in enumerate(zip(keep, columns)):
+            if k:
+                groups.setdefault(owner[c], []).append(p)
+        device = x.device
+        self.__dict__["_last_routes"] = lambda: _routes_of(groups, B, T, device)
+        if not groups:
+            return out
+        scale, experts = hp.expert_scale, table.experts
+        if len(groups) == 1:
+            (e, rows), = groups.items()
+            if len(rows) == B * T:  # every position (e.g. a generation step)
+                return torch.add(out, experts[e](x), alpha=scale)
+        index = torch.tensor([p for ps in groups.values() for p in ps], device=device)
+        routed_x = x.reshape(B * T, H).index_select(0, index)
+        if len(groups) == 1:
+            y = experts[e](routed_x)
+        else:
+            ys, start = [], 0
+            for e, ps in groups.items():
+                ys.append(experts[e](routed_x[start:start + len(ps)]))
+                start += len(ps)
+            y = torch.cat(ys)
+        return out.reshape(B * T, H).index_add(0, index, y, alpha=scale).view(out.shape)
+
+    def _add_expert_outputs(self, x: torch.Tensor, out: torch.Tensor,
+                            routes: Routes) -> torch.Tensor:
+        """``out`` plus every position's routed experts, weighted by the gates."""
         # Each expert runs once, on the positions routed to it, and only those positions get
         # its output added. The number of positions per expert decides how.
         scale = self.hparams.expert_scale
@@ -182,5 +305,21 @@ class LEMoELayer(nn.Module):
         return flat_out.reshape(out.shape)
 
 
+@functools.lru_cache(maxsize=16)
+def _float32(value: float) -> float:
+    """``value`` rounded to the nearest float32."""
+    return struct.unpack("f", struct.pack("f", value))[0]
+
+
+def _routes_of(groups: Dict[int, List[int]], B: int, T: int, device) -> Routes:
+    """The :class:`Routes` of ``groups`` (expert -> its positions in a ``[B, T]`` block)."""
+    expert = torch.full((B * T,), -1, dtype=torch.long)
+    for e, rows in groups.items():
+        expert[rows] = e
+    return Routes(expert.view(B, T, 1).to(device))
+
+
 #: Up to this many positions, a single routed expert runs on all of them (masked).
 _SMALL = 64
+#: Up to this many positions per forward, the serving path groups them by expert in Python.
+_PYTHON_GROUPING = 512

@@ -87,6 +87,18 @@ class Routes:
 
 _VERSION = operator.attrgetter("_version")
 
+#: Counts changes to any slot or slot list (see :func:`note_slot_change`).
+_slot_changes = [0]
+
+
+def note_slot_change() -> None:
+    """Record that a slot was added, removed, replaced, assigned a tensor or loaded.
+
+    Every routing table built before is then out of date. One counter for all layers: a
+    change is rare (an edit, a load, a rollback) and a forward only compares one integer.
+    """
+    _slot_changes[0] += 1
+
 
 class RoutingTable:
     """Every expert's routing state stacked, so that routing costs the same few tensor
@@ -94,34 +106,37 @@ class RoutingTable:
 
     Holds ``W_down`` of all experts as one ``[n * dim, hidden]`` matrix, the ``W_up^T k``
     vectors as ``[n, dim]``, all anchors as one ``[hidden, N]`` matrix with the index of the
-    expert owning each column, and the enabled flags. Built without autograd from ``slots``
-    (:class:`~.layer.ExpertSlot`); :meth:`is_current` tells whether it still describes them:
-    the same slot objects in the same order, holding the same tensors, none modified in
-    place since (tensor version counters), so adding, removing, re-enabling, retraining or
-    loading a slot is always noticed. Moving the model to another device or dtype drops the
-    table too (``LEMoELayer._apply``).
+    expert owning each column, the enabled flags, and each expert's forward bound to its
+    weights. Built without autograd from ``slots`` (:class:`~.layer.ExpertSlot`).
+    :meth:`is_current` tells whether it still describes them in a constant number of
+    steps: the slots note every structural change (:func:`note_slot_change`: a slot added,
+    removed or replaced, a tensor assigned, a state dict loaded), and the tensors written in
+    place without such a note are checked by their version counters: the ``enabled`` flags
+    (EasyEdit's release) and, for the learned router, the projections and keys (training).
+    Moving the model to another device or dtype drops the table too (``LEMoELayer._apply``).
     """
 
     def __init__(self, slots) -> None:
         slots = tuple(slots)
         self.slots = slots
         self.n = len(slots)
-        self._anchors = [s._buffers["anchors"] for s in slots]
-        # What every router reads (flags, anchors), and what only the learned router reads
-        # (projections, keys): the anchor router's forward checks the first list alone.
-        self._tensors = [t for s in slots for t in (s._parameters["enabled"],
-                                                    s._buffers["anchors"])]
-        self._learned_tensors = [t for s in slots for t in (
+        self.changes = _slot_changes[0]
+        self._flags = tuple(s._parameters["enabled"] for s in slots)
+        self._flag_versions = sum(map(_VERSION, self._flags))
+        self._learned_tensors = tuple(t for s in slots for t in (
             s.routing._parameters["key"], s.routing.down._parameters["weight"],
-            s.routing.up._parameters["weight"])]
-        self._versions = [t._version for t in self._tensors]
-        self._learned_versions = [t._version for t in self._learned_tensors]
+            s.routing.up._parameters["weight"]))
+        self._learned_versions = sum(map(_VERSION, self._learned_tensors))
+        #: Each expert's forward as a closure over its weights, in slot order.
+        self.experts = [s.expert.serving_function() for s in slots]
+        anchors = [s._buffers["anchors"] for s in slots]
         with torch.no_grad():
             self.enabled = torch.stack([s.enabled.detach() > 0.5 for s in slots]) if slots \
                 else torch.zeros(0, dtype=torch.bool)
             self.live = int(self.enabled.sum()) if slots else 0
             self.any_dead = self.live < self.n
             self.n_anchors = 0
+            self.owner_list: list = []
             if slots:
                 self.dim = slots[0].routing.key.shape[0]
                 # Routing is float32 whatever the model's dtype (queries are float32).
@@ -136,12 +151,11 @@ class RoutingTable:
                 flags = self.enabled.tolist()
                 live = [i for i in reversed(range(self.n)) if flags[i]]
                 self.anchors_t = torch.cat(
-                    [self._anchors[i].detach().to(device).float() for i in live]
+                    [anchors[i].detach().to(device).float() for i in live]
                     + [torch.zeros(0, self.down.shape[1], device=device)]).t().contiguous()
                 self.n_anchors = self.anchors_t.shape[1]
-                self.owner = torch.cat([torch.full((len(self._anchors[i]),), i, dtype=torch.long)
-                                        for i in live] + [torch.zeros(0, dtype=torch.long)]
-                                       ).to(device)
+                self.owner_list = [i for i in live for _ in range(len(anchors[i]))]
+                self.owner = torch.tensor(self.owner_list, dtype=torch.long, device=device)
                 self.dead = ~self.enabled.to(device)
                 # Per expert, added to its similarities by both anchor-router paths: an offset
                 # rising with the expert's index but spanning less than 1e-6 in all, so that a
@@ -154,25 +168,22 @@ class RoutingTable:
                 self.anchor_bias = self.order[self.owner]
                 counts = torch.bincount(self.owner, minlength=self.n)
                 self.all_live_anchored = bool((counts[self.enabled.to(device)] > 0).all())
+            else:
+                self.all_live_anchored = True
 
-    def is_current(self, slots: nn.ModuleList, learned: bool = True) -> bool:
-        """True while ``slots`` is exactly what this table was built from.
+    def is_current(self, learned: bool = True) -> bool:
+        """True while the slots are still what this table was built from.
 
         ``learned=False`` leaves out the routing projections and keys, which only the learned
         router reads: a table whose keys went stale is still current for the anchor router,
-        and is rebuilt the first time the learned router asks. A fraction of a microsecond
-        per expert (C-level loops over the slots and their tensors).
+        and is rebuilt the first time the learned router asks. One integer comparison and
+        one C-level sum over the enabled flags' version counters.
         """
-        mods = tuple(slots._modules.values()) if isinstance(slots, nn.ModuleList) \
-            else tuple(slots)
-        if len(mods) != self.n or not all(map(operator.is_, mods, self.slots)):
+        if self.changes != _slot_changes[0]:
             return False
-        anchors = [s._buffers["anchors"] for s in mods]
-        if not all(map(operator.is_, anchors, self._anchors)):
+        if sum(map(_VERSION, self._flags)) != self._flag_versions:
             return False
-        if list(map(_VERSION, self._tensors)) != self._versions:
-            return False
-        return not learned or list(map(_VERSION, self._learned_tensors)) == \
+        return not learned or sum(map(_VERSION, self._learned_tensors)) == \
             self._learned_versions
 
     def scores(self, flat: torch.Tensor) -> torch.Tensor:
@@ -322,12 +333,13 @@ class QueryBuilder:
             cur_mask = cur_mask.to(embeds.device)
         self.build(embeds, cur_mask, past)
 
-    def current(self, x: torch.Tensor):
+    def current(self, x: torch.Tensor, normalise: bool = True):
         """``(query, valid)`` for the adapted layer's input ``x`` ``[B, T, H]``.
 
-        With ``pool="ffn_input"`` the query of position ``p`` is ``x[:, p]`` normalised: the
-        FFN input of the adapted block, which only frozen parts of the model compute and which
-        depends only on the tokens up to ``p``. Otherwise it is what the model-level hook left.
+        With ``pool="ffn_input"`` the query of position ``p`` is ``x[:, p]`` normalised (left
+        to the caller with ``normalise=False``): the FFN input of the adapted block, which
+        only frozen parts of the model compute and which depends only on the tokens up to
+        ``p``. Otherwise it is what the model-level hook left.
         """
         if self.pool == LAYER_INPUT_POOL:
             valid = self.valid
@@ -336,7 +348,9 @@ class QueryBuilder:
                                    "whole model, not the layer alone")
             if valid is not None and valid.device != x.device:
                 valid = valid.to(x.device)
-            return unit(x.detach().float()), valid
+            q = x.detach() if x.requires_grad else x
+            q = q if q.dtype == torch.float32 else q.float()
+            return (unit(q) if normalise else q), valid
         q, valid = self.query, self.valid
         if q is None or q.shape[:2] != x.shape[:2]:
             raise RuntimeError("LEMoE routing queries are missing for this forward; call the "

@@ -315,8 +315,8 @@ def test_benchmark_runs_end_to_end_at_a_tiny_size(tiny_models, tmp_path):
     assert {"speedup", "cached_seconds", "full_seconds"} <= set(tr)
     assert {t["target"] for t in res["targets"]} >= {
         "throughput_vs_grace", "throughput_vs_rome", "cached_speedup", "latency_5",
-        "latency_100", "stream_growth", "marginal_growth", "memory", "anon_growth",
-        "tensor_growth"}
+        "latency_100", "stream_growth", "marginal_growth", "memory", "anon_memory",
+        "anon_growth", "tensor_growth"}
     for heading in ("## Editing cost", "## LEMoE cost along the stream", "## Serving cost",
                     "## Memory after the installments", "## Cached-activation", "## Targets"):
         assert heading in md
