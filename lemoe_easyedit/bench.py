@@ -407,20 +407,21 @@ def _table_bytes(layer) -> int:
     table = layer.__dict__.get("_routing_table")
     if table is None or not table.n:
         return 0
-    return sum(t.numel() * t.element_size() for t in (
-        table.down, table.key_dirs, table.anchors_t, table.owner, table.enabled, table.dead,
-        table.anchor_bias))
+    built = [table.__dict__[k] for k in ("down", "key_dirs") if k in table.__dict__]
+    return sum(t.numel() * t.element_size() for t in built + [
+        table.anchors_t, table.owner, table.enabled, table.dead, table.anchor_bias])
 
 
 def _warm_up_runtime(model, tok, stream: Sequence[dict], prompts: Sequence[str],
-                     warm_edits: Sequence[dict], hp) -> None:
+                     warm_edits: Sequence[dict], hp, gen_tokens: int) -> None:
     """Make the memory baseline the loaded model with a warm runtime, not a cold one.
 
     Before the baseline: the tokenizer sees every text the run will tokenize (a fast
     tokenizer caches each new word, 2 MB over 1000 testbed edits, which is the tokenizer's
-    memory, not the edited model's), and one edit call is made and taken out again, so that
-    the one-off allocations of a first call (kernel scratch space, caches torch and the
-    libraries build lazily) are in the baseline too. The model is as loaded afterwards.
+    memory, not the edited model's), and one edit call is made, served (the forwards and
+    generations the run will time) and taken out again, so that the one-off allocations of a
+    first call (kernel scratch space, caches torch, transformers and the libraries build
+    lazily) are in the baseline too. The model is as loaded afterwards.
     """
     from .editing import apply_lemoe_to_model
     from .injection import remove_adaptor
@@ -430,6 +431,7 @@ def _warm_up_runtime(model, tok, stream: Sequence[dict], prompts: Sequence[str],
     for p in prompts:
         tok(p)
     model, _ = apply_lemoe_to_model(model, tok, [copy.deepcopy(r) for r in warm_edits], hp)
+    _serving(model, tok, prompts, gen_tokens, 1)
     remove_adaptor(model)
 
 
@@ -468,7 +470,7 @@ def _lemoe_worker(job: dict) -> dict:
         1, len(edited_prompts if i % 2 == 0 or not other else other))] for i in range(n_lat)]
     _rewrite_accuracy(model, tok, requests[:2])  # warm-up of the forward path
     _warm_up_runtime(model, tok, requests[:T], prompts, requests[T:T + epe] or requests[:epe],
-                     inst_hp)
+                     inst_hp, job["gen_tokens"])
     base = _memory_point()
     stream, serving = [], []
     checkpoints = set(job["experts"])

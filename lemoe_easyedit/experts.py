@@ -10,7 +10,6 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .model_families import ModelFamily, ffn_width, proj_weight
 
@@ -53,21 +52,23 @@ class FFNExpert(nn.Module):
                 self.w_in.bias[:n] = proj.bias[:n]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.serving_function()(x)
+        return _on_rows(self.serving_function(), x)
 
     def serving_function(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        """This expert's forward as a closure over its weight tensors.
+        """This expert's forward on rows ``[P, hidden]``, as a closure over its weights.
 
-        The same operations as calling the module, without the module-call and attribute
-        overhead of four ``nn.Module`` calls: the serving path (the layer's routing table
-        keeps one per expert) runs it on nearly every forward of an edited model.
+        Plain matrix products against transposed views of the weights, the operations
+        ``F.linear`` reaches for 2-D input, without the module-call and attribute overhead
+        of four ``nn.Module`` calls and the layers of ``F.linear``: the serving path (the
+        layer's routing table keeps one per expert) runs it on nearly every forward of an
+        edited model. ``forward`` runs the same closure, so training and serving agree.
         """
         act = self.act.forward  # the host's activation, without the module-call overhead
-        w_in, b_in, w_out = self.w_in.weight, self.w_in.bias, self.w_out.weight
+        w_in, b_in, w_out = self.w_in.weight.t(), self.w_in.bias, self.w_out.weight.t()
         if self.gated:
-            w_gate = self.w_gate.weight
-            return lambda x: F.linear(act(F.linear(x, w_gate)) * F.linear(x, w_in, b_in), w_out)
-        return lambda x: F.linear(act(F.linear(x, w_in, b_in)), w_out)
+            w_gate = self.w_gate.weight.t()
+            return lambda x: torch.mm(act(torch.mm(x, w_gate)) * torch.mm(x, w_in), w_out)
+        return lambda x: torch.mm(act(torch.addmm(b_in, x, w_in)), w_out)
 
 
 class LoRAExpert(nn.Module):
@@ -84,12 +85,17 @@ class LoRAExpert(nn.Module):
             nn.init.zeros_(self.up.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.serving_function()(x)
+        return _on_rows(self.serving_function(), x)
 
     def serving_function(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        """This expert's forward as a closure over its weights (see FFNExpert's)."""
-        down, up = self.down.weight, self.up.weight
-        return lambda x: F.linear(F.linear(x, down), up)
+        """This expert's forward on rows ``[P, hidden]`` (see FFNExpert's)."""
+        down, up = self.down.weight.t(), self.up.weight.t()
+        return lambda x: torch.mm(torch.mm(x, down), up)
+
+
+def _on_rows(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """``fn`` (rows in, rows out) applied to ``x`` of any leading shape."""
+    return fn(x.reshape(-1, x.shape[-1])).view(x.shape)
 
 
 def make_expert(host_mlp: nn.Module, fam: ModelFamily, form: str, width: int | None,

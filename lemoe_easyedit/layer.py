@@ -224,7 +224,7 @@ class LEMoELayer(nn.Module):
         B, T, H = x.shape
         queries = self.queries
         if queries.pool == LAYER_INPUT_POOL:
-            q, valid = queries.current(x, normalise=False)
+            q, valid = queries.layer_input(x)  # valid: the raw mask, read as truth values
             q = q.reshape(B * T, H)
             # Unit queries without the clamp of ``unit``: the same bits for any non-zero
             # state; a zero one gives NaN, which the guard's ``>=`` drops.
@@ -252,7 +252,14 @@ class LEMoELayer(nn.Module):
         if len(groups) == 1:
             (e, rows), = groups.items()
             if len(rows) == B * T:  # every position (e.g. a generation step)
-                return torch.add(out, experts[e](x), alpha=scale)
+                return torch.add(out, experts[e](x.reshape(B * T, H)).view(out.shape),
+                                 alpha=scale)
+            first, end = rows[0], rows[-1] + 1
+            if end - first == len(rows):
+                # One run of consecutive positions (often a single one): slices, no index.
+                result = _writable(out).view(B * T, H)
+                result[first:end].add_(experts[e](x.reshape(B * T, H)[first:end]), alpha=scale)
+                return result.view(out.shape)
         index = torch.tensor([p for ps in groups.values() for p in ps], device=device)
         routed_x = x.reshape(B * T, H).index_select(0, index)
         if len(groups) == 1:
@@ -263,7 +270,7 @@ class LEMoELayer(nn.Module):
                 ys.append(experts[e](routed_x[start:start + len(ps)]))
                 start += len(ps)
             y = torch.cat(ys)
-        return out.reshape(B * T, H).index_add(0, index, y, alpha=scale).view(out.shape)
+        return _writable(out).view(B * T, H).index_add_(0, index, y, alpha=scale).view(out.shape)
 
     def _add_expert_outputs(self, x: torch.Tensor, out: torch.Tensor,
                             routes: Routes) -> torch.Tensor:
@@ -303,6 +310,18 @@ class LEMoELayer(nn.Module):
             y = y * routes.gate.reshape(-1)[picked].to(y.dtype).unsqueeze(-1)
         flat_out = out.reshape(-1, out.shape[-1]).index_add(0, rows, y, alpha=scale)
         return flat_out.reshape(out.shape)
+
+
+def _writable(out: torch.Tensor) -> torch.Tensor:
+    """``out`` itself where adding to it in place is safe, else a copy.
+
+    The host FFN's output is a fresh tensor that only this layer holds. Without autograd it
+    takes the experts' outputs in place (one copy fewer per forward); with autograd it is
+    copied, so that nothing the backward pass may need is overwritten.
+    """
+    if torch.is_grad_enabled() or not out.is_contiguous():
+        return out.clone(memory_format=torch.contiguous_format)
+    return out
 
 
 @functools.lru_cache(maxsize=16)

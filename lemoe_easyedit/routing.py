@@ -24,6 +24,7 @@ the layer rebuilds only when a slot changes.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import operator
 from dataclasses import dataclass
@@ -139,11 +140,7 @@ class RoutingTable:
             self.owner_list: list = []
             if slots:
                 self.dim = slots[0].routing.key.shape[0]
-                # Routing is float32 whatever the model's dtype (queries are float32).
-                self.down = torch.cat([s.routing.down.weight.detach() for s in slots]).float()
-                self.key_dirs = torch.stack(
-                    [s.routing.key_direction().detach() for s in slots]).float()
-                device = self.down.device
+                device = slots[0].routing.key.device
                 # The anchors of the enabled experts as one [hidden, N] matrix with the owner
                 # of each column: query @ anchors_t is the one product every forward makes (a
                 # contiguous pre-transposed operand makes it about twice as fast as F.linear
@@ -152,7 +149,7 @@ class RoutingTable:
                 live = [i for i in reversed(range(self.n)) if flags[i]]
                 self.anchors_t = torch.cat(
                     [anchors[i].detach().to(device).float() for i in live]
-                    + [torch.zeros(0, self.down.shape[1], device=device)]).t().contiguous()
+                    + [torch.zeros(0, anchors[0].shape[1], device=device)]).t().contiguous()
                 self.n_anchors = self.anchors_t.shape[1]
                 self.owner_list = [i for i in live for _ in range(len(anchors[i]))]
                 self.owner = torch.tensor(self.owner_list, dtype=torch.long, device=device)
@@ -170,6 +167,21 @@ class RoutingTable:
                 self.all_live_anchored = bool((counts[self.enabled.to(device)] > 0).all())
             else:
                 self.all_live_anchored = True
+
+    # The learned router's stacked state, built on first use: the anchor router never reads
+    # it, and a serving table then holds no copy of the projections.
+    @functools.cached_property
+    def down(self) -> torch.Tensor:
+        """``W_down`` of every expert stacked, ``[n * dim, hidden]``, float32."""
+        with torch.no_grad():
+            # Routing is float32 whatever the model's dtype (queries are float32).
+            return torch.cat([s.routing.down.weight.detach() for s in self.slots]).float()
+
+    @functools.cached_property
+    def key_dirs(self) -> torch.Tensor:
+        """``W_up^T k`` of every expert, ``[n, dim]``, float32."""
+        with torch.no_grad():
+            return torch.stack([s.routing.key_direction().detach() for s in self.slots]).float()
 
     def is_current(self, learned: bool = True) -> bool:
         """True while the slots are still what this table was built from.
@@ -298,7 +310,9 @@ class QueryBuilder:
         self.embed = embed
         self.pool = pool
         self.query: Optional[torch.Tensor] = None
-        self.valid: Optional[torch.Tensor] = None
+        #: This forward's padding mask as the model was given it (1: token, 0: padding).
+        self.mask: Optional[torch.Tensor] = None
+        self._valid: Optional[torch.Tensor] = None
         self._sum: Optional[torch.Tensor] = None
         self._seen = 0
 
@@ -315,7 +329,7 @@ class QueryBuilder:
         if self.pool == LAYER_INPUT_POOL:
             # The layer builds the queries from its own input: only padding is needed here.
             self.query = None
-            self.valid = None if cur_mask is None else cur_mask > 0
+            self.mask, self._valid = cur_mask, None
             return
         if embeds is None:
             with torch.no_grad():
@@ -333,6 +347,13 @@ class QueryBuilder:
             cur_mask = cur_mask.to(embeds.device)
         self.build(embeds, cur_mask, past)
 
+    @property
+    def valid(self) -> Optional[torch.Tensor]:
+        """``[B, T]`` bool, False at padding (None: no padding mask); built on first use."""
+        if self._valid is None and self.mask is not None:
+            self._valid = self.mask > 0
+        return self._valid
+
     def current(self, x: torch.Tensor, normalise: bool = True):
         """``(query, valid)`` for the adapted layer's input ``x`` ``[B, T, H]``.
 
@@ -342,14 +363,10 @@ class QueryBuilder:
         ``p``. Otherwise it is what the model-level hook left.
         """
         if self.pool == LAYER_INPUT_POOL:
+            q, _ = self.layer_input(x)
             valid = self.valid
-            if valid is not None and valid.shape != x.shape[:2]:
-                raise RuntimeError("LEMoE routing mask does not match this forward; call the "
-                                   "whole model, not the layer alone")
             if valid is not None and valid.device != x.device:
                 valid = valid.to(x.device)
-            q = x.detach() if x.requires_grad else x
-            q = q if q.dtype == torch.float32 else q.float()
             return (unit(q) if normalise else q), valid
         q, valid = self.query, self.valid
         if q is None or q.shape[:2] != x.shape[:2]:
@@ -358,6 +375,20 @@ class QueryBuilder:
         if q.device != x.device:
             q, valid = q.to(x.device), None if valid is None else valid.to(x.device)
         return q, valid
+
+    def layer_input(self, x: torch.Tensor):
+        """``(x as float32 without autograd, this forward's raw padding mask or None)``.
+
+        The ``ffn_input`` query before normalisation, and the mask as the model was given it,
+        without the comparison that :attr:`valid` makes (the serving path reads the mask's
+        values directly).
+        """
+        mask = self.mask
+        if mask is not None and mask.shape != x.shape[:2]:
+            raise RuntimeError("LEMoE routing mask does not match this forward; call the "
+                               "whole model, not the layer alone")
+        q = x.detach() if x.requires_grad else x
+        return (q if q.dtype == torch.float32 else q.float()), mask
 
     def build(self, embeds: torch.Tensor, cur_mask: Optional[torch.Tensor], past: int) -> None:
         """Queries for ``embeds`` ``[B, T, H]`` that follow ``past`` already-seen positions.
@@ -382,7 +413,7 @@ class QueryBuilder:
         else:
             q = embeds
         self.query = unit(q)
-        self.valid = None if cur_mask is None else cur_mask > 0
+        self.mask, self._valid = cur_mask, None
         self._seen = past + T
 
 
