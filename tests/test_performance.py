@@ -360,3 +360,45 @@ def test_anchor_router_near_ties_go_to_the_newest_expert_real_differences_do_not
     assert layer.route(query, valid).expert.item() == 2  # near-tie: the newest wins
     layer.slots[2].anchors = at_cosine_gap(1e-5)          # newer but really further
     assert layer.route(query, valid).expert.item() == 0
+
+
+@pytest.mark.parametrize("guard", [True, False])
+def test_serving_path_gives_the_routes_and_outputs_of_the_general_path(tiny_models, monkeypatch,
+                                                                       guard):
+    from lemoe_easyedit import layer as layer_module
+
+    model, tok, layer = _layer_with_slots(tiny_models, 6, router="anchor", top_k=1,
+                                          query_pool="ffn_input", locality_guard=guard,
+                                          guard_threshold=0.9)
+    prompts = ["The capital of France is", "A short one", "Another prompt about the weather"]
+    tok.padding_side = "left"
+    batch = tok(prompts, return_tensors="pt", padding=True)
+    seen = {}
+    hook = layer.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0].detach()))
+    with torch.no_grad():
+        model(**batch)
+    hook.remove()
+    x = F.normalize(seen["x"].float(), dim=-1)
+    # Anchors at some of these positions' own FFN inputs, so that positions of one prompt go
+    # to several experts, others to none (guard) or to the nearest one (no guard).
+    layer.slots[1].anchors = x[0, -2:].clone()
+    layer.slots[3].anchors = x[2, 2:5].clone()
+    layer.slots[4].anchors = x[1, -1:].clone()
+    with torch.no_grad():
+        layer.slots[2].enabled[...] = 0.0  # EasyEdit's in-place release: never chosen
+    single = tok(prompts[2], return_tensors="pt")
+    runs = {}
+    for name, limit in (("serving", layer_module._PYTHON_GROUPING), ("general", 0)):
+        monkeypatch.setattr(layer_module, "_PYTHON_GROUPING", limit)
+        with torch.no_grad():
+            runs[name] = [(model(**inputs).logits, layer.last_routes.expert.clone())
+                          for inputs in (batch, single)]
+    for (fast_logits, fast_routes), (ref_logits, ref_routes) in zip(runs["serving"],
+                                                                    runs["general"]):
+        assert torch.equal(fast_routes, ref_routes)
+        torch.testing.assert_close(fast_logits, ref_logits, rtol=1e-5, atol=1e-6)
+    routes = runs["serving"][0][1]
+    assert not (routes == 2).any()
+    assert len(set(routes[routes >= 0].tolist())) >= 3  # several experts in one forward
+    assert not guard or (routes == -1).any()
+    assert (routes[~batch["attention_mask"].bool()] == -1).all()  # padding goes nowhere
