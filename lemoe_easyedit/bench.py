@@ -25,7 +25,11 @@ One run, on one model and one list of edits, measures
   the same process (the adaptor is swapped out and back in between timings);
 * **memory after editing**: resident memory and live tensor bytes above the loaded model
   after the installments, against the bytes of the experts (expert, routing projection,
-  key, anchors, flag);
+  key, anchors, flag). The baseline is the loaded model with a runtime that has already
+  run this stream once (its edits made and taken out again): the runtime's own pools grow
+  with the shapes it meets (MKL keeps a buffer for every new GEMM shape, base model or
+  not), and they are the run's, not the edited model's. The figures from the cold baseline
+  (one warm-up call) are reported beside them;
 * **cached-activation training**: the same expert batches trained with
   ``cached_activations`` true and false from the same state: time ratio, and the largest
   difference of per-step losses and of final weights.
@@ -435,6 +439,26 @@ def _warm_up_runtime(model, tok, stream: Sequence[dict], prompts: Sequence[str],
     remove_adaptor(model)
 
 
+def _rehearse_stream(model, tok, stream: Sequence[dict], hp, call_size: int) -> None:
+    """Make ``stream``'s edits in calls of ``call_size``, as the measured pass will, then
+    take the adaptor out: the model is as loaded, the runtime has met every shape of the run.
+
+    MKL's memory manager keeps each GEMM buffer it frees, for the next product of that
+    shape (about 9 KB per shape, measured on this testbed; ``MKL_DISABLE_FAST_MM=1`` makes
+    it 0). The prompts of a stream have many lengths, so a first pass grows that pool by
+    megabytes, and the pool's pages end up between the experts' allocations, where neither
+    ``malloc_trim`` nor ``mkl_free_buffers`` gives them back. A second pass over the same
+    shapes finds its buffers, so what it adds is what editing keeps.
+    """
+    from .editing import apply_lemoe_to_model
+    from .injection import remove_adaptor
+
+    for start in range(0, len(stream), call_size):
+        model, _ = apply_lemoe_to_model(
+            model, tok, [copy.deepcopy(r) for r in stream[start:start + call_size]], hp)
+    remove_adaptor(model)
+
+
 def _lemoe_worker(job: dict) -> dict:
     """LEMoE twice over.
 
@@ -471,6 +495,8 @@ def _lemoe_worker(job: dict) -> dict:
     _rewrite_accuracy(model, tok, requests[:2])  # warm-up of the forward path
     _warm_up_runtime(model, tok, requests[:T], prompts, requests[T:T + epe] or requests[:epe],
                      inst_hp, job["gen_tokens"])
+    cold = _memory_point()
+    _rehearse_stream(model, tok, requests[:T], inst_hp, epe)
     base = _memory_point()
     stream, serving = [], []
     checkpoints = set(job["experts"])
@@ -516,6 +542,14 @@ def _lemoe_worker(job: dict) -> dict:
         "rss_growth_after_first_bytes": after["rss"] - first["rss"],
         "tensor_growth_after_first_bytes": after["tensors"] - first["tensors"],
         "anon_above_base_bytes": _difference(after["anon"], base["anon"]),
+        # The same against the cold baseline (one warm-up call, before the rehearsal), and
+        # what the rehearsal left behind once its adaptor was out (runtime pools; tensors ~0).
+        "rss_above_cold_base_bytes": after["rss"] - cold["rss"],
+        "anon_above_cold_base_bytes": _difference(after["anon"], cold["anon"]),
+        "tensor_bytes_above_cold_base": after["tensors"] - cold["tensors"],
+        "rehearsal_retained_rss_bytes": base["rss"] - cold["rss"],
+        "rehearsal_retained_anon_bytes": _difference(base["anon"], cold["anon"]),
+        "rehearsal_retained_tensor_bytes": base["tensors"] - cold["tensors"],
         "anon_growth_after_first_bytes": _difference(after["anon"], first["anon"]),
         "expert_bytes_after_first": expert_bytes - first["expert_bytes"],
         "rewrite_acc": _rewrite_accuracy(model, tok, requests[:T]),
@@ -1062,7 +1096,10 @@ def markdown(res: dict) -> str:
                          f"{_f(v['gen_tokens_per_s'])} | {_f(v['gen_ratio'])} |")
         lines += ["", "## Memory after the installments", "",
                   f"{inst['experts']} experts; the stacked routing table adds "
-                  f"{_mb(inst['routing_table_bytes'])} MB (included in the live tensors).", "",
+                  f"{_mb(inst['routing_table_bytes'])} MB (included in the live tensors). "
+                  "Baseline: the loaded model after the runtime has run this stream once "
+                  "(edits made and taken out: the runtime's buffer pools are warm); the cold "
+                  "baseline is the loaded model after one warm-up call.", "",
                   "| interval | experts' bytes (MB) | RSS growth (MB) | ratio | "
                   "anonymous RSS growth (MB) | ratio | live tensor growth (MB) | ratio |",
                   "|---|---|---|---|---|---|---|---|"]
@@ -1070,12 +1107,21 @@ def markdown(res: dict) -> str:
                 ("loaded model (warm runtime) -> end of stream", inst["expert_bytes"],
                  inst["rss_above_base_bytes"], inst.get("anon_above_base_bytes"),
                  inst["tensor_bytes_above_base"]),
+                ("loaded model (cold baseline) -> end of stream", inst["expert_bytes"],
+                 inst.get("rss_above_cold_base_bytes"), inst.get("anon_above_cold_base_bytes"),
+                 inst.get("tensor_bytes_above_cold_base")),
                 ("end of first call -> end of stream", inst["expert_bytes_after_first"],
                  inst["rss_growth_after_first_bytes"], inst.get("anon_growth_after_first_bytes"),
                  inst["tensor_growth_after_first_bytes"])):
             ratio = (lambda v: _f(v / eb if eb and v is not None else None))
             lines.append(f"| {label} | {_mb(eb)} | {_mb(rss)} | {ratio(rss)} | {_mb(anon)} | "
                          f"{ratio(anon)} | {_mb(ten)} | {ratio(ten)} |")
+        if inst.get("rehearsal_retained_rss_bytes") is not None:
+            lines += ["", f"The rehearsal of the stream, its adaptor taken out, left "
+                      f"{_mb(inst['rehearsal_retained_rss_bytes'])} MB of RSS "
+                      f"({_mb(inst.get('rehearsal_retained_anon_bytes'))} MB anonymous) and "
+                      f"{_mb(inst['rehearsal_retained_tensor_bytes'])} MB of live tensors "
+                      "behind."]
     tr = res.get("training", {})
     lines += ["", "## Cached-activation vs full-forward training", ""]
     if tr.get("status") == "ok":
