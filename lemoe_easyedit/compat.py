@@ -1017,5 +1017,11 @@ def uses_callable_restore() -> bool:
     """True when the loaded easyeditor restores a method listed in
     ``CALLABLE_RESTORE_ALGS`` by calling the ``weights_copy`` it returned (upstream);
     False for the release, which restores from a dict of parameter name -> tensor."""
-    load_easyeditor()
-    return bool(_restore_name_holders())
+    mod = load_easyeditor()
+    # Every edit call asks; the answer changes only when easyeditor modules are imported
+    # (a scan of sys.modules costs a millisecond, a few percent of a small edit call).
+    key = (id(mod), len(sys.modules))
+    if _STATE.get("callable_restore_key") != key:
+        _STATE["callable_restore"] = bool(_restore_name_holders())
+        _STATE["callable_restore_key"] = key
+    return _STATE["callable_restore"]

@@ -23,7 +23,7 @@ calls a returned function, which rolls the call back exactly.
 
 from __future__ import annotations
 
-from copy import deepcopy
+from copy import copy as shallow_copy, deepcopy
 from typing import Any, Callable, Dict, List, Sequence, Tuple, Union
 
 import torch
@@ -210,7 +210,10 @@ def _call_state(layer) -> Dict:
     """What one call may change, to put back on failure (see :func:`_undo_call`).
 
     Frozen slots are never modified by a call, so references suffice; the open slot (the
-    only one trained in place) is copied.
+    only one trained in place) is copied. A call replaces the slots' edit lists and the
+    layer's history and plans with new lists and never changes a record in place, so
+    shallow copies keep them: a deep copy grew with the whole stream (7 ms per call after
+    1000 testbed edits, a fifth of the call).
     """
     if layer is None:
         return {"had_adaptor": False}
@@ -220,10 +223,10 @@ def _call_state(layer) -> Dict:
         "hparams": layer.hparams,
         "slots": list(layer.slots),
         "frozen": [s.frozen for s in layer.slots],
-        "edits": [[dict(e) for e in s.edits] for s in layer.slots],
+        "edits": [list(s.edits) for s in layer.slots],
         "open": None if open_slot is None else
         {k: v.detach().clone() for k, v in open_slot.state_dict().items()},
-        "attrs": {k: deepcopy(getattr(layer, k)) for k in _CALL_ATTRS if hasattr(layer, k)},
+        "attrs": {k: shallow_copy(getattr(layer, k)) for k in _CALL_ATTRS if hasattr(layer, k)},
     }
 
 

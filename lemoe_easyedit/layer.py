@@ -248,26 +248,26 @@ class LEMoELayer(nn.Module):
         self.__dict__["_last_routes"] = lambda: _routes_of(groups, B, T, device)
         if not groups:
             return out
-        scale, experts = hp.expert_scale, table.experts
+        scale, expert = hp.expert_scale, table.expert
         if len(groups) == 1:
             (e, rows), = groups.items()
             if len(rows) == B * T:  # every position (e.g. a generation step)
-                return torch.add(out, experts[e](x.reshape(B * T, H)).view(out.shape),
+                return torch.add(out, expert(e)(x.reshape(B * T, H)).view(out.shape),
                                  alpha=scale)
             first, end = rows[0], rows[-1] + 1
             if end - first == len(rows):
                 # One run of consecutive positions (often a single one): slices, no index.
                 result = _writable(out).view(B * T, H)
-                result[first:end].add_(experts[e](x.reshape(B * T, H)[first:end]), alpha=scale)
+                result[first:end].add_(expert(e)(x.reshape(B * T, H)[first:end]), alpha=scale)
                 return result.view(out.shape)
         index = torch.tensor([p for ps in groups.values() for p in ps], device=device)
         routed_x = x.reshape(B * T, H).index_select(0, index)
         if len(groups) == 1:
-            y = experts[e](routed_x)
+            y = expert(e)(routed_x)
         else:
             ys, start = [], 0
             for e, ps in groups.items():
-                ys.append(experts[e](routed_x[start:start + len(ps)]))
+                ys.append(expert(e)(routed_x[start:start + len(ps)]))
                 start += len(ps)
             y = torch.cat(ys)
         return _writable(out).view(B * T, H).index_add_(0, index, y, alpha=scale).view(out.shape)

@@ -28,7 +28,7 @@ import functools
 import inspect
 import operator
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -124,15 +124,12 @@ class RoutingTable:
         self.changes = _slot_changes[0]
         self._flags = tuple(s._parameters["enabled"] for s in slots)
         self._flag_versions = sum(map(_VERSION, self._flags))
-        self._learned_tensors = tuple(t for s in slots for t in (
-            s.routing._parameters["key"], s.routing.down._parameters["weight"],
-            s.routing.up._parameters["weight"]))
-        self._learned_versions = sum(map(_VERSION, self._learned_tensors))
-        #: Each expert's forward as a closure over its weights, in slot order.
-        self.experts = [s.expert.serving_function() for s in slots]
+        # Each expert's forward as a closure over its weights, made on its first use: a
+        # table is rebuilt on every edit call, and a forward uses only the experts it routes to.
+        self._serving: List[Optional[Callable]] = [None] * self.n
         anchors = [s._buffers["anchors"] for s in slots]
         with torch.no_grad():
-            self.enabled = torch.stack([s.enabled.detach() > 0.5 for s in slots]) if slots \
+            self.enabled = torch.stack(self._flags).detach() > 0.5 if slots \
                 else torch.zeros(0, dtype=torch.bool)
             self.live = int(self.enabled.sum()) if slots else 0
             self.any_dead = self.live < self.n
@@ -168,11 +165,31 @@ class RoutingTable:
             else:
                 self.all_live_anchored = True
 
-    # The learned router's stacked state, built on first use: the anchor router never reads
-    # it, and a serving table then holds no copy of the projections.
+    def expert(self, index: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Expert ``index``'s forward on rows, as a closure over its weights
+        (:meth:`~.experts.FFNExpert.serving_function`)."""
+        fn = self._serving[index]
+        if fn is None:
+            fn = self._serving[index] = self.slots[index].expert.serving_function()
+        return fn
+
+    # The learned router's state, built on first use: the anchor router never reads it, and
+    # a serving table then holds no copy of the projections.
+    @functools.cached_property
+    def _learned_tensors(self) -> Tuple[torch.Tensor, ...]:
+        return tuple(t for s in self.slots for t in (
+            s.routing._parameters["key"], s.routing.down._parameters["weight"],
+            s.routing.up._parameters["weight"]))
+
+    @functools.cached_property
+    def _learned_versions(self) -> int:
+        # Taken when ``down`` or ``key_dirs`` is first built, from the tensors they read.
+        return sum(map(_VERSION, self._learned_tensors))
+
     @functools.cached_property
     def down(self) -> torch.Tensor:
         """``W_down`` of every expert stacked, ``[n * dim, hidden]``, float32."""
+        self._learned_versions  # noqa: B018 - the versions this copy is of
         with torch.no_grad():
             # Routing is float32 whatever the model's dtype (queries are float32).
             return torch.cat([s.routing.down.weight.detach() for s in self.slots]).float()
@@ -180,6 +197,7 @@ class RoutingTable:
     @functools.cached_property
     def key_dirs(self) -> torch.Tensor:
         """``W_up^T k`` of every expert, ``[n, dim]``, float32."""
+        self._learned_versions  # noqa: B018 - the versions this copy is of
         with torch.no_grad():
             return torch.stack([s.routing.key_direction().detach() for s in self.slots]).float()
 
@@ -188,15 +206,17 @@ class RoutingTable:
 
         ``learned=False`` leaves out the routing projections and keys, which only the learned
         router reads: a table whose keys went stale is still current for the anchor router,
-        and is rebuilt the first time the learned router asks. One integer comparison and
-        one C-level sum over the enabled flags' version counters.
+        and is rebuilt the first time the learned router asks (until it has built its
+        stacked state, there is nothing of it to go stale). One integer comparison and one
+        C-level sum over the enabled flags' version counters.
         """
         if self.changes != _slot_changes[0]:
             return False
         if sum(map(_VERSION, self._flags)) != self._flag_versions:
             return False
-        return not learned or sum(map(_VERSION, self._learned_tensors)) == \
-            self._learned_versions
+        if not learned or "_learned_versions" not in self.__dict__:
+            return True
+        return sum(map(_VERSION, self._learned_tensors)) == self._learned_versions
 
     def scores(self, flat: torch.Tensor) -> torch.Tensor:
         """Learned-router scores ``[P, n]`` of ``P`` normalised queries."""
