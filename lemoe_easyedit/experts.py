@@ -6,7 +6,7 @@ until it is trained.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Tuple
 
 import torch
 import torch.nn as nn
@@ -52,23 +52,27 @@ class FFNExpert(nn.Module):
                 self.w_in.bias[:n] = proj.bias[:n]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _on_rows(self.serving_function(), x)
+        return _on_rows(serving_function(self), x)
 
-    def serving_function(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        """This expert's forward on rows ``[P, hidden]``, as a closure over its weights.
+    def serving_parts(self) -> Tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor]:
+        """``(hidden, w_out)``: this expert on rows ``[P, hidden]`` is ``hidden(x) @ w_out``.
 
-        Plain matrix products against transposed views of the weights, the operations
-        ``F.linear`` reaches for 2-D input, without the module-call and attribute overhead
-        of four ``nn.Module`` calls and the layers of ``F.linear``: the serving path (the
-        layer's routing table keeps one per expert) runs it on nearly every forward of an
-        edited model. ``forward`` runs the same closure, so training and serving agree.
+        ``hidden`` is a closure of plain matrix products against transposed views of the
+        weights (the operations ``F.linear`` reaches for 2-D input, without four
+        ``nn.Module`` calls and the layers of ``F.linear``), ``w_out`` the output
+        projection as a ``[width, hidden]`` view. The serving path (the layer's routing
+        table keeps them per expert) runs on nearly every forward of an edited model and
+        adds the last product to the host's output in the same operation
+        (``addmm(out, hidden(x), w_out)``); ``forward`` computes the same products, so
+        training and serving agree.
         """
         act = self.act.forward  # the host's activation, without the module-call overhead
-        w_in, b_in, w_out = self.w_in.weight.t(), self.w_in.bias, self.w_out.weight.t()
+        w_in, b_in = self.w_in.weight.t(), self.w_in.bias
         if self.gated:
             w_gate = self.w_gate.weight.t()
-            return lambda x: torch.mm(act(torch.mm(x, w_gate)) * torch.mm(x, w_in), w_out)
-        return lambda x: torch.mm(act(torch.addmm(b_in, x, w_in)), w_out)
+            return (lambda x: act(torch.mm(x, w_gate)) * torch.mm(x, w_in)), \
+                self.w_out.weight.t()
+        return (lambda x: act(torch.addmm(b_in, x, w_in))), self.w_out.weight.t()
 
 
 class LoRAExpert(nn.Module):
@@ -85,12 +89,18 @@ class LoRAExpert(nn.Module):
             nn.init.zeros_(self.up.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _on_rows(self.serving_function(), x)
+        return _on_rows(serving_function(self), x)
 
-    def serving_function(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        """This expert's forward on rows ``[P, hidden]`` (see FFNExpert's)."""
-        down, up = self.down.weight.t(), self.up.weight.t()
-        return lambda x: torch.mm(torch.mm(x, down), up)
+    def serving_parts(self) -> Tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor]:
+        """``(hidden, w_out)`` with ``expert(x) = hidden(x) @ w_out`` (see FFNExpert's)."""
+        down = self.down.weight.t()
+        return (lambda x: torch.mm(x, down)), self.up.weight.t()
+
+
+def serving_function(expert: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``expert`` on rows ``[P, hidden]``, from its :meth:`serving_parts`."""
+    hidden, w_out = expert.serving_parts()
+    return lambda x: torch.mm(hidden(x), w_out)
 
 
 def _on_rows(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:

@@ -44,7 +44,9 @@ class ExpertSlot(nn.Module):
     which restores an edit by writing saved tensors back into named parameters, can switch an
     expert off exactly. Assigning a slot's tensors or loading a state dict into it is noted
     for the routing table; the one in-place write the table checks for itself is to
-    ``enabled`` (EasyEdit's release). Change anchors by assigning them, not in place.
+    ``enabled`` (EasyEdit's release). Change anchors by assigning them, not in place. The
+    routing table makes every slot's ``enabled`` a view of one shared tensor when it is
+    built (:func:`~.routing.share_flags`): look the flag up on the slot, do not keep it.
     """
 
     def __init__(self, expert: nn.Module, projection: RoutingProjection, hidden: int) -> None:
@@ -248,28 +250,32 @@ class LEMoELayer(nn.Module):
         self.__dict__["_last_routes"] = lambda: _routes_of(groups, B, T, device)
         if not groups:
             return out
+        # Each expert is (hidden, w_out): its output projection and the add into the host's
+        # output are one addmm.
         scale, expert = hp.expert_scale, table.expert
+        flat_x = x.reshape(B * T, H)
         if len(groups) == 1:
             (e, rows), = groups.items()
             if len(rows) == B * T:  # every position (e.g. a generation step)
-                return torch.add(out, expert(e)(x.reshape(B * T, H)).view(out.shape),
-                                 alpha=scale)
-            first, end = rows[0], rows[-1] + 1
-            if end - first == len(rows):
-                # One run of consecutive positions (often a single one): slices, no index.
-                result = _writable(out).view(B * T, H)
-                result[first:end].add_(expert(e)(x.reshape(B * T, H)[first:end]), alpha=scale)
-                return result.view(out.shape)
-        index = torch.tensor([p for ps in groups.values() for p in ps], device=device)
-        routed_x = x.reshape(B * T, H).index_select(0, index)
-        if len(groups) == 1:
-            y = expert(e)(routed_x)
-        else:
-            ys, start = [], 0
+                hidden, w_out = expert(e)
+                return torch.addmm(out.reshape(B * T, H), hidden(flat_x), w_out,
+                                   alpha=scale).view(out.shape)
+        if all(ps[-1] - ps[0] == len(ps) - 1 for ps in groups.values()):
+            # Each expert's positions are one run (often a single position): slices, no index.
+            result = _writable(out).view(B * T, H)
             for e, ps in groups.items():
-                ys.append(expert(e)(routed_x[start:start + len(ps)]))
-                start += len(ps)
-            y = torch.cat(ys)
+                hidden, w_out = expert(e)
+                first, end = ps[0], ps[-1] + 1
+                result[first:end].addmm_(hidden(flat_x[first:end]), w_out, alpha=scale)
+            return result.view(out.shape)
+        index = torch.tensor([p for ps in groups.values() for p in ps], device=device)
+        routed_x = flat_x.index_select(0, index)
+        ys, start = [], 0
+        for e, ps in groups.items():
+            hidden, w_out = expert(e)
+            ys.append(torch.mm(hidden(routed_x[start:start + len(ps)]), w_out))
+            start += len(ps)
+        y = ys[0] if len(ys) == 1 else torch.cat(ys)
         return _writable(out).view(B * T, H).index_add_(0, index, y, alpha=scale).view(out.shape)
 
     def _add_expert_outputs(self, x: torch.Tensor, out: torch.Tensor,

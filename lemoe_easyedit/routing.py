@@ -122,15 +122,15 @@ class RoutingTable:
         self.slots = slots
         self.n = len(slots)
         self.changes = _slot_changes[0]
-        self._flags = tuple(s._parameters["enabled"] for s in slots)
-        self._flag_versions = sum(map(_VERSION, self._flags))
+        #: Every slot's ``enabled`` flag, as views of this one tensor (see share_flags).
+        self.flags = share_flags(slots)
+        self._flag_version = self.flags._version
         # Each expert's forward as a closure over its weights, made on its first use: a
         # table is rebuilt on every edit call, and a forward uses only the experts it routes to.
-        self._serving: List[Optional[Callable]] = [None] * self.n
+        self._serving: List[Optional[Tuple[Callable, torch.Tensor]]] = [None] * self.n
         anchors = [s._buffers["anchors"] for s in slots]
         with torch.no_grad():
-            self.enabled = torch.stack(self._flags).detach() > 0.5 if slots \
-                else torch.zeros(0, dtype=torch.bool)
+            self.enabled = self.flags > 0.5
             self.live = int(self.enabled.sum()) if slots else 0
             self.any_dead = self.live < self.n
             self.n_anchors = 0
@@ -165,13 +165,13 @@ class RoutingTable:
             else:
                 self.all_live_anchored = True
 
-    def expert(self, index: int) -> Callable[[torch.Tensor], torch.Tensor]:
-        """Expert ``index``'s forward on rows, as a closure over its weights
-        (:meth:`~.experts.FFNExpert.serving_function`)."""
-        fn = self._serving[index]
-        if fn is None:
-            fn = self._serving[index] = self.slots[index].expert.serving_function()
-        return fn
+    def expert(self, index: int) -> Tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor]:
+        """Expert ``index`` on rows as ``(hidden, w_out)``, ``expert(x) = hidden(x) @ w_out``
+        (:meth:`~.experts.FFNExpert.serving_parts`)."""
+        parts = self._serving[index]
+        if parts is None:
+            parts = self._serving[index] = self.slots[index].expert.serving_parts()
+        return parts
 
     # The learned router's state, built on first use: the anchor router never reads it, and
     # a serving table then holds no copy of the projections.
@@ -207,12 +207,10 @@ class RoutingTable:
         ``learned=False`` leaves out the routing projections and keys, which only the learned
         router reads: a table whose keys went stale is still current for the anchor router,
         and is rebuilt the first time the learned router asks (until it has built its
-        stacked state, there is nothing of it to go stale). One integer comparison and one
-        C-level sum over the enabled flags' version counters.
+        stacked state, there is nothing of it to go stale). Two integer comparisons: the
+        slots' change count and the one version counter of all enabled flags.
         """
-        if self.changes != _slot_changes[0]:
-            return False
-        if sum(map(_VERSION, self._flags)) != self._flag_versions:
+        if self.changes != _slot_changes[0] or self.flags._version != self._flag_version:
             return False
         if not learned or "_learned_versions" not in self.__dict__:
             return True
@@ -243,6 +241,28 @@ class RoutingTable:
             sims = self.similarities(flat)
             near.scatter_reduce_(1, self.owner.expand_as(sims), sims, reduce="amax")
         return near
+
+
+def share_flags(slots) -> torch.Tensor:
+    """Put the ``enabled`` flags of ``slots`` into one tensor and return it.
+
+    Each slot's flag is replaced by a parameter viewing its element of the returned tensor
+    (same value). Views share their base's version counter, so an in-place write to any
+    flag (EasyEdit's release writes ``0`` into a flag it finds by name) bumps one counter,
+    and a forward checks whether any expert was switched off by reading one integer instead
+    of one per expert (cold in cache behind the rest of the model's forward: tens of
+    microseconds at 100 experts). Code that keeps a flag should look it up by name again
+    after the routing table is rebuilt.
+    """
+    flags = [s._parameters["enabled"] for s in slots]
+    if not flags:
+        return torch.zeros(0)
+    with torch.no_grad():
+        store = torch.stack([f.detach() for f in flags])
+    for i, s in enumerate(slots):
+        # Not through setattr: that notes a slot change, which would make this table stale.
+        s._parameters["enabled"] = nn.Parameter(store[i], requires_grad=False)
+    return store
 
 
 def select_routes(query: torch.Tensor, valid: Optional[torch.Tensor], table: RoutingTable, *,

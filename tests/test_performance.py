@@ -196,6 +196,9 @@ def test_routing_table_is_rebuilt_exactly_when_a_slot_changes(tiny_models):
     with torch.no_grad():                             # EasyEdit's in-place restore
         layer.slots[0].enabled[...] = 0.0
     check(True)
+    with torch.no_grad():                             # ... of another slot, after that rebuild
+        layer.slots[3].enabled.fill_(0.0)
+    check(True)
     layer.slots[1].anchors = q[1].clone()             # anchors replaced
     check(True)
     state = {k: v.clone() for k, v in layer.slots[2].state_dict().items()}
@@ -209,6 +212,25 @@ def test_routing_table_is_rebuilt_exactly_when_a_slot_changes(tiny_models):
     layer.route(q, valid)
     assert layer.__dict__["_routing_table"].down.dtype == torch.float32  # routing stays fp32
     check(False)
+
+
+def test_shared_flags_keep_their_values_and_save(tiny_models, tmp_path):
+    from lemoe_easyedit.persistence import load_edits, save_edits
+
+    model, tok, layer = _layer_with_slots(tiny_models, 3, router="anchor", top_k=1)
+    layer.slots[1].enabled.data.zero_()
+    table = layer.routing_table(False)
+    flags = [s.enabled for s in layer.slots]
+    # One storage for all flags, the values unchanged, still frozen parameters by name.
+    assert len({f.untyped_storage().data_ptr() for f in flags}) == 1
+    assert [s.is_enabled for s in layer.slots] == [True, False, True]
+    assert table.enabled.tolist() == [True, False, True]
+    assert all(not f.requires_grad for f in flags)
+    assert dict(layer.named_parameters())["slots.1.enabled"] is layer.slots[1].enabled
+    save_edits(model, tmp_path / "edits")
+    fresh, _ = load(tiny_models("llama"))
+    loaded = load_edits(fresh, tmp_path / "edits")
+    assert [s.is_enabled for s in loaded.slots] == [True, False, True]
 
 
 def test_table_of_no_slots_routes_nowhere():
