@@ -131,7 +131,7 @@ class RoutingTable:
         anchors = [s._buffers["anchors"] for s in slots]
         with torch.no_grad():
             self.enabled = self.flags > 0.5
-            self.live = int(self.enabled.sum()) if slots else 0
+            self.live = int(self.enabled.sum())
             self.any_dead = self.live < self.n
             self.n_anchors = 0
             self.owner_list: list = []
