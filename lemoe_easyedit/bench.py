@@ -14,7 +14,10 @@ One run, on one model and one list of edits, measures
   batchable with ``batch_size > 1``), their ratio to LEMoE's, each process's peak resident
   memory and its resident memory above the loaded model after editing. LEMoE's figure is
   at ``T = max(--stream)``; GRACE is timed over ``--grace-edits`` (default the same T),
-  ROME, MEMIT and FT over ``--baseline-edits`` (their cost per edit does not grow);
+  ROME, MEMIT and FT over ``--baseline-edits`` (their cost per edit does not grow). Each
+  time is the fastest of ``--rounds`` rounds: later rounds time every method's editing
+  again, one method after the other, so that a slow spell of a shared machine (minutes
+  long on this project's CI machine) does not land on one method alone;
 * **growth of LEMoE's cost with the stream**: the time per edit of each ``T`` in
   ``--stream`` (protocol mode, fresh model each; a shorter ``T`` on each of the ``T``-edit
   blocks of the longest stream, so that every ``T`` edits the same facts), and the marginal
@@ -60,7 +63,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_ROOT = PACKAGE_DIR.parent
@@ -124,8 +127,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     s.add_argument("--latency-prompts", type=int, default=16,
                    help="prompts timed per latency measurement (half edited, half not)")
     s.add_argument("--gen-tokens", type=int, default=16, help="tokens generated per prompt")
-    s.add_argument("--repeats", type=int, default=10,
-                   help="interleaved repetitions of each latency measurement (best taken)")
+    s.add_argument("--repeats", type=int, default=30,
+                   help="interleaved repetitions of each latency measurement (best taken; "
+                        "default 30)")
+    s.add_argument("--rounds", type=int, default=2,
+                   help="rounds of editing timings: after the first round (every method's "
+                        "whole job), each later round times every method's editing again "
+                        "(same edits, fresh model), in the same order; each method's time "
+                        "is its fastest round (default 2)")
     r = parser.add_argument_group("run")
     r.add_argument("--out", default="bench-results", help="output directory")
     r.add_argument("--threads", type=int, default=1,
@@ -395,7 +404,7 @@ def _baseline_worker(job: dict) -> dict:
         "peak_rss_bytes": _peak_rss_bytes(), "base_rss_bytes": base["rss"],
         "rss_above_base_bytes": after["rss"] - base["rss"],
         "tensor_bytes_above_base": after["tensors"] - base["tensors"],
-        "rewrite_acc": _rewrite_accuracy(model, tok, reqs),
+        "rewrite_acc": None if job.get("timing_only") else _rewrite_accuracy(model, tok, reqs),
     }
 
 
@@ -440,9 +449,25 @@ def _warm_up_runtime(model, tok, stream: Sequence[dict], prompts: Sequence[str],
     remove_adaptor(model)
 
 
+def _installments(model, tok, stream: Sequence[dict], hp, call_size: int,
+                  after_call: Optional[Callable[[Any, int, float], None]] = None):
+    """Make ``stream``'s edits in calls of ``call_size`` (one expert each), one after the
+    other; ``after_call(model, edits_done, seconds_of_the_call)`` runs after each (not
+    timed). Returns the edited model."""
+    from .editing import apply_lemoe_to_model
+
+    for start in range(0, len(stream), call_size):
+        chunk = [copy.deepcopy(r) for r in stream[start:start + call_size]]
+        t0 = time.perf_counter()
+        model, _ = apply_lemoe_to_model(model, tok, chunk, hp)
+        if after_call is not None:
+            after_call(model, start + len(chunk), time.perf_counter() - t0)
+    return model
+
+
 def _rehearse_stream(model, tok, stream: Sequence[dict], hp, call_size: int) -> None:
-    """Make ``stream``'s edits in calls of ``call_size``, as the measured pass will, then
-    take the adaptor out: the model is as loaded, the runtime has met every shape of the run.
+    """Make ``stream``'s edits as the measured installments will, then take the adaptor
+    out: the model is as loaded, the runtime has met every shape of the run.
 
     MKL's memory manager keeps each GEMM buffer it frees, for the next product of that
     shape (about 9 KB per shape, measured on this testbed; ``MKL_DISABLE_FAST_MM=1`` makes
@@ -451,13 +476,9 @@ def _rehearse_stream(model, tok, stream: Sequence[dict], hp, call_size: int) -> 
     ``malloc_trim`` nor ``mkl_free_buffers`` gives them back. A second pass over the same
     shapes finds its buffers, so what it adds is what editing keeps.
     """
-    from .editing import apply_lemoe_to_model
     from .injection import remove_adaptor
 
-    for start in range(0, len(stream), call_size):
-        model, _ = apply_lemoe_to_model(
-            model, tok, [copy.deepcopy(r) for r in stream[start:start + call_size]], hp)
-    remove_adaptor(model)
+    remove_adaptor(_installments(model, tok, stream, hp, call_size))
 
 
 def _lemoe_worker(job: dict) -> dict:
@@ -469,16 +490,19 @@ def _lemoe_worker(job: dict) -> dict:
     2. **Installments**: one call of ``--edits-per-expert`` edits after the other (one expert
        each), up to ``max(stream)``: the marginal cost per edit along the stream, serving
        cost at each number of experts in ``experts``, and memory.
+
+    A ``timing_only`` job (a later round) runs the protocol mode alone.
     """
     import dataclasses
 
-    from .editing import apply_lemoe_to_model
-    from .evaluation import edit_calls, edit_mode, load_model_and_tokenizer
+    from .evaluation import load_model_and_tokenizer
     from .injection import find_adaptor
 
     _worker_setup(job)
     hp = _load_job_hparams(job)
     requests = json.loads(Path(job["requests"]).read_text())
+    if job.get("timing_only"):
+        return {"status": "ok", "protocol": _lemoe_protocol(job, hp, requests)}
     T, epe, window = max(job["stream"]), job["edits_per_expert"], job["window"]
 
     # -- 2. installments (first: its memory baseline is the loaded model, warmed up) ------
@@ -499,24 +523,23 @@ def _lemoe_worker(job: dict) -> dict:
     cold = _memory_point()
     _rehearse_stream(model, tok, requests[:T], inst_hp, epe)
     base = _memory_point()
-    stream, serving = [], []
+    stream: List[dict] = []
+    serving: List[dict] = []
     checkpoints = set(job["experts"])
-    done, first = 0, None
-    while done < T:
-        end = min(T, done + epe)
-        chunk = [copy.deepcopy(r) for r in requests[done:end]]
-        t0 = time.perf_counter()
-        model, _ = apply_lemoe_to_model(model, tok, chunk, inst_hp)
-        stream.append({"edits": end, "seconds": time.perf_counter() - t0})
-        done = end
-        n_exp = len(find_adaptor(model).slots)
-        if first is None:  # after the first call: the runtime's one-off allocations are made
-            first = dict(_memory_point(), expert_bytes=_slot_bytes(find_adaptor(model)))
-        if n_exp in checkpoints:
-            checkpoints.discard(n_exp)
-            serving.append({"experts": n_exp, "edits": done,
+    first: Dict[str, int] = {}
+
+    def after_call(model, done: int, seconds: float) -> None:
+        stream.append({"edits": done, "seconds": seconds})
+        layer = find_adaptor(model)
+        if not first:  # after the first call: the runtime's one-off allocations are made
+            first.update(_memory_point(), expert_bytes=_slot_bytes(layer))
+        if len(layer.slots) in checkpoints:
+            checkpoints.discard(len(layer.slots))
+            serving.append({"experts": len(layer.slots), "edits": done,
                             **_serving(model, tok, prompts, job["gen_tokens"],
                                        job["repeats"])})
+
+    model = _installments(model, tok, requests[:T], inst_hp, epe, after_call)
     layer = find_adaptor(model)
     after = _memory_point()
     expert_bytes, table_bytes = _slot_bytes(layer), _table_bytes(layer)
@@ -558,18 +581,35 @@ def _lemoe_worker(job: dict) -> dict:
     del model, layer
     _settle()
 
-    # -- 1. protocol mode ----------------------------------------------------------------
-    # A shorter T is timed on each of the T-edit blocks of the longest stream, each from a
-    # fresh model: every T then edits the same facts. The first 100 testbed edits alone need
-    # 40% fewer training steps per edit than the 1000 (their expert batches converge
-    # sooner), which a single first block would count as growth with the stream.
+    protocol = _lemoe_protocol(job, hp, requests)
+    return {
+        "status": "ok", "edits_per_expert": hp.edits_per_expert, **_protocol_fields(protocol),
+        "protocol": protocol, "installments": installments,
+        "peak_rss_bytes": _peak_rss_bytes(), "base_rss_bytes": base["rss"],
+        "rss_above_base_bytes": installments["rss_above_base_bytes"],
+    }
+
+
+def _lemoe_protocol(job: dict, hp, requests: Sequence[dict]) -> List[dict]:
+    """LEMoE's editing cost in protocol mode, for each T of the job's stream.
+
+    A shorter T is timed on each of the T-edit blocks of the longest stream, each from a
+    fresh model: every T then edits the same facts. The first 100 testbed edits alone need
+    40% fewer training steps per edit than the 1000 (their expert batches converge sooner),
+    which a single first block would count as growth with the stream.
+    """
+    from .editing import apply_lemoe_to_model
+    from .evaluation import edit_calls, edit_mode, load_model_and_tokenizer
+    from .injection import find_adaptor
+
+    T = max(job["stream"])
     mode, size = edit_mode("LEMoE", hp)
     protocol = []
     for t in job["stream"]:
         blocks = []
+        calls = edit_calls(t, mode, size)
         for offset in range(0, max(T // t, 1) * t, t):
             model, tok = load_model_and_tokenizer(hp)
-            calls = edit_calls(t, mode, size)
             block = requests[offset:offset + t]
             t0 = time.perf_counter()
             for start, end in calls:
@@ -580,23 +620,60 @@ def _lemoe_worker(job: dict) -> dict:
                            "rewrite_acc": _rewrite_accuracy(model, tok, block)})
             del model
             _settle()
-        secs = sum(b["seconds"] for b in blocks)
-        protocol.append({"T": t, "blocks": blocks, "seconds": secs / len(blocks),
-                         "seconds_per_edit": secs / (t * len(blocks)), "calls": len(calls),
-                         "experts": blocks[0]["experts"],
-                         "rewrite_acc": sum(b["rewrite_acc"] for b in blocks) / len(blocks)})
+        protocol.append(_protocol_entry(t, blocks, mode, size, len(calls)))
+    return protocol
+
+
+def _protocol_entry(t: int, blocks: List[dict], mode: str, call_size: int, calls: int) -> dict:
+    """One T's protocol figures from its blocks (time per edit: total over the blocks)."""
+    secs = sum(b["seconds"] for b in blocks)
+    return {"T": t, "mode": mode, "call_size": call_size, "calls": calls, "blocks": blocks,
+            "seconds": secs / len(blocks), "seconds_per_edit": secs / (t * len(blocks)),
+            "experts": blocks[0]["experts"],
+            "rewrite_acc": sum(b["rewrite_acc"] for b in blocks) / len(blocks)}
+
+
+def _protocol_fields(protocol: List[dict]) -> dict:
+    """LEMoE's editing-cost fields (those every method reports) from its protocol mode; the
+    method's own figure is at the longest T."""
     last = protocol[-1]
-    return {
-        "status": "ok", "mode": mode, "call_size": size, "edits": T, "calls": last["calls"],
-        "edits_per_expert": hp.edits_per_expert, "experts": last["experts"],
-        "seconds": last["seconds"], "seconds_per_edit": last["seconds_per_edit"],
-        "edits_per_second": 1.0 / last["seconds_per_edit"],
-        "seconds_per_edit_at": {str(p["T"]): p["seconds_per_edit"] for p in protocol},
-        "protocol": protocol, "installments": installments,
-        "peak_rss_bytes": _peak_rss_bytes(), "base_rss_bytes": base["rss"],
-        "rss_above_base_bytes": installments["rss_above_base_bytes"],
-        "rewrite_acc": last["rewrite_acc"],
-    }
+    return {"mode": last["mode"], "call_size": last["call_size"], "edits": last["T"],
+            "calls": last["calls"], "experts": last["experts"], "seconds": last["seconds"],
+            "seconds_per_edit": last["seconds_per_edit"],
+            "edits_per_second": 1.0 / last["seconds_per_edit"],
+            "seconds_per_edit_at": {str(p["T"]): p["seconds_per_edit"] for p in protocol},
+            "rewrite_acc": last["rewrite_acc"]}
+
+
+def _fastest_round(first: dict, later: Sequence[dict]) -> dict:
+    """``first`` (a method's whole first-round result) with each editing time replaced by
+    its fastest over all rounds; every round's times are kept under ``rounds``.
+
+    LEMoE's protocol blocks are taken one by one (each block's fastest round), the other
+    methods' whole timed runs. Rounds that failed are left out, their errors listed.
+    """
+    ok = [r for r in later if r.get("status") == "ok"]
+    res = dict(first)
+    failed = [r.get("error", "") for r in later if r.get("status") != "ok"]
+    if failed:
+        res["failed_rounds"] = failed
+    if "protocol" in first:
+        protocol = []
+        for i, p in enumerate(first["protocol"]):
+            runs = [p] + [r["protocol"][i] for r in ok]
+            blocks = [dict(b, seconds=min(r["blocks"][j]["seconds"] for r in runs),
+                           rounds=[r["blocks"][j]["seconds"] for r in runs])
+                      for j, b in enumerate(p["blocks"])]
+            protocol.append(_protocol_entry(p["T"], blocks, p["mode"], p["call_size"],
+                                            p["calls"]))
+        # Each round's time at the longest T (the blocks keep theirs).
+        res.update(_protocol_fields(protocol), protocol=protocol,
+                   rounds=[r["protocol"][-1]["seconds"] for r in [first] + ok])
+        return res
+    seconds = [first["seconds"]] + [r["seconds"] for r in ok]
+    res.update(seconds=min(seconds), seconds_per_edit=min(seconds) / first["edits"],
+               edits_per_second=first["edits"] / min(seconds), rounds=seconds)
+    return res
 
 
 def _difference(a: Optional[int], b: Optional[int]) -> Optional[int]:
@@ -925,6 +1002,8 @@ def run_bench(args: argparse.Namespace) -> Dict[str, Any]:
     T = stream[-1]
     window = max(1, min(args.window, stream[0]))
     grace_edits = args.grace_edits or T
+    if args.rounds < 1:
+        raise ValueError(f"--rounds must be at least 1, got {args.rounds}")
     need = max(T, args.baseline_edits, grace_edits, args.train_edits) + 1
 
     testbed = _testbed_path() if args.model is None else None
@@ -992,23 +1071,35 @@ def run_bench(args: argparse.Namespace) -> Dict[str, Any]:
                     corpus=corpus, threads=args.threads, seed=args.seed,
                     edits_per_expert=args.edits_per_expert)
     results: Dict[str, Any] = {}
-    results["LEMoE"] = _spawn("LEMoE", dict(
+    jobs = {"LEMoE": dict(
         base_job, kind="lemoe", method="LEMoE", hparams=hp_files["LEMoE"], stream=stream,
         window=window, experts=args.experts, latency_prompts=args.latency_prompts,
-        gen_tokens=args.gen_tokens, repeats=args.repeats), out, args.timeout)
+        gen_tokens=args.gen_tokens, repeats=args.repeats)}
     for m in methods[1:]:
         if m == "GRACE" and not _grace_available():
             results[m] = {"status": "n/a", "error": "GRACE is not registered"}
             continue
-        results[m] = _spawn(m, dict(base_job, kind="baseline", method=m, hparams=hp_files[m],
-                                    edits=grace_edits if m == "GRACE"
-                                    else args.baseline_edits), out, args.timeout)
+        jobs[m] = dict(base_job, kind="baseline", method=m, hparams=hp_files[m],
+                       edits=grace_edits if m == "GRACE" else args.baseline_edits)
+    for m, job in jobs.items():
+        results[m] = _spawn(m, job, out, args.timeout)
     for m in METHODS:
         if m not in results:
             results[m] = {"status": "n/a", "error": "not requested"}
     training = _spawn("training", dict(base_job, kind="training", method="LEMoE",
                                        hparams=hp_files["LEMoE"], train_edits=args.train_edits),
                       out, args.timeout)
+    # Later rounds: every method's editing once more, round after round (not one method's
+    # repeats back to back), so that a slow spell of the machine reaches all methods alike.
+    later: Dict[str, List[dict]] = {m: [] for m in jobs}
+    for n in range(2, args.rounds + 1):
+        for m, job in jobs.items():
+            if results[m].get("status") == "ok":
+                later[m].append(_spawn(f"{m}.round{n}", dict(job, timing_only=True), out,
+                                       args.timeout))
+    for m, rounds in later.items():
+        if rounds:
+            results[m] = _fastest_round(results[m], rounds)
 
     lemoe = results["LEMoE"]
     lemoe_spe = lemoe.get("seconds_per_edit")
@@ -1023,7 +1114,7 @@ def run_bench(args: argparse.Namespace) -> Dict[str, Any]:
             "experts": args.experts, "baseline_edits": args.baseline_edits,
             "grace_edits": grace_edits,
             "train_edits": args.train_edits, "latency_prompts": args.latency_prompts,
-            "gen_tokens": args.gen_tokens, "repeats": args.repeats,
+            "gen_tokens": args.gen_tokens, "repeats": args.repeats, "rounds": args.rounds,
             "command": getattr(args, "_command", None),
             "machine": {"platform": platform.platform(), "processor": platform.processor(),
                         "cpu_count": os.cpu_count(), "python": platform.python_version(),
@@ -1063,20 +1154,24 @@ def markdown(res: dict) -> str:
              f"torch {s['machine']['torch']}, transformers {s['machine']['transformers']}.",
              f"Command: `{' '.join(s['command']) if s.get('command') else 'n/a'}`", "",
              "## Editing cost", "",
+             f"Each method's time is its fastest of {s.get('rounds', 1)} round(s); a later "
+             "round times every method's editing again (same edits, fresh model) after all "
+             "methods of the round before. Memory and accuracy are from the first round.", "",
              "| method | mode | edits timed | s / edit | edits / s | time / LEMoE's | "
-             "peak RSS (MB) | RSS above model (MB) | rewrite acc |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "seconds per round | peak RSS (MB) | RSS above model (MB) | rewrite acc |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for m in METHODS:
         r = res["methods"].get(m, {})
         if r.get("status") != "ok":
             lines.append(f"| {m} | {r.get('status', 'n/a')}: {r.get('error', '')} "
-                         "| | | | | | | |")
+                         "| | | | | | | | |")
             continue
         mode = f"{r['mode']} ({r['call_size']}/call)"
+        rounds = ", ".join(_f(v) for v in r.get("rounds", [r["seconds"]]))
         lines.append(f"| {m} | {mode} | {r['edits']} | {_f(r['seconds_per_edit'])} | "
                      f"{_f(r['edits_per_second'])} | {_f(r.get('time_ratio_to_lemoe'))} | "
-                     f"{_mb(r['peak_rss_bytes'])} | {_mb(r['rss_above_base_bytes'])} | "
-                     f"{_f(r['rewrite_acc'], '{:.3f}')} |")
+                     f"{rounds} | {_mb(r['peak_rss_bytes'])} | "
+                     f"{_mb(r['rss_above_base_bytes'])} | {_f(r['rewrite_acc'], '{:.3f}')} |")
     le = res["methods"].get("LEMoE", {})
     if le.get("status") == "ok":
         inst = le["installments"]
@@ -1084,7 +1179,7 @@ def markdown(res: dict) -> str:
                   f"Protocol mode: the T edits from a freshly loaded model, in calls of "
                   f"{le['call_size']}, planned into experts of {le['edits_per_expert']} edits "
                   f"(a shorter T: mean over the T-edit blocks of the longest stream, each from "
-                  f"a fresh model). "
+                  f"a fresh model; each block's fastest round). "
                   f"Installments: calls of {inst['call_size']} edits (one expert each) one "
                   f"after the other; marginal time per edit over the {s['window']} edits "
                   "before T.", "",

@@ -308,7 +308,7 @@ def test_benchmark_runs_end_to_end_at_a_tiny_size(tiny_models, tmp_path):
         "--stream", "4,8", "--window", "4", "--edits-per-expert", "4", "--experts", "1,2",
         "--baseline-edits", "2", "--grace-edits", "2", "--train-edits", "8",
         "--latency-prompts", "2",
-        "--gen-tokens", "2", "--repeats", "1"])
+        "--gen-tokens", "2", "--repeats", "1", "--rounds", "2"])
     res = json.loads((out / "bench.json").read_text())
     md = (out / "bench.md").read_text()
     assert status == 0, json.dumps(res["methods"], indent=1)[:3000]
@@ -321,8 +321,15 @@ def test_benchmark_runs_end_to_end_at_a_tiny_size(tiny_models, tmp_path):
         for key in ("seconds_per_edit", "edits_per_second", "time_ratio_to_lemoe",
                     "peak_rss_bytes", "rss_above_base_bytes", "rewrite_acc"):
             assert key in r, (m, key)
+    for m in ("LEMoE", "ROME", "GRACE", "FT"):    # the fastest of two rounds
+        r = res["methods"][m]
+        assert len(r["rounds"]) == 2 and r["seconds"] == min(r["rounds"]), (m, r["rounds"])
     le = res["methods"]["LEMoE"]
     assert set(le["seconds_per_edit_at"]) == {"4", "8"} and len(le["protocol"]) == 2
+    for p in le["protocol"]:
+        for b in p["blocks"]:
+            assert len(b["rounds"]) == 2 and b["seconds"] == min(b["rounds"])
+    assert le["seconds_per_edit"] == le["protocol"][-1]["seconds_per_edit"]
     inst = le["installments"]
     assert set(inst["seconds_per_edit_at"]) == {"4", "8"}
     assert [s["experts"] for s in inst["serving"]] == [1, 2]
