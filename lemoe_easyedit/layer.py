@@ -17,7 +17,7 @@ import torch.nn as nn
 from .experts import make_expert
 from .model_families import ModelFamily
 from .routing import (LAYER_INPUT_POOL, QueryBuilder, RoutingProjection, Routes,
-                      RoutingTable, note_slot_change, select_routes)
+                      RoutingTable, note_slot_change, select_routes, share_flags)
 
 
 class SlotList(nn.ModuleList):
@@ -43,10 +43,12 @@ class ExpertSlot(nn.Module):
     ``enabled`` is a (frozen) parameter rather than a Python flag so that EasyEdit's release,
     which restores an edit by writing saved tensors back into named parameters, can switch an
     expert off exactly. Assigning a slot's tensors or loading a state dict into it is noted
-    for the routing table; the one in-place write the table checks for itself is to
+    for the routing table (plain attributes such as ``frozen`` and ``edits`` are not: the
+    table reads none); the one in-place write the table checks for itself is to
     ``enabled`` (EasyEdit's release). Change anchors by assigning them, not in place. The
-    routing table makes every slot's ``enabled`` a view of one shared tensor when it is
-    built (:func:`~.routing.share_flags`): look the flag up on the slot, do not keep it.
+    layer makes every slot's ``enabled`` a view of one shared tensor when it builds its
+    routing table (:func:`~.routing.share_flags`): look the flag up on the slot, do not
+    keep it.
     """
 
     def __init__(self, expert: nn.Module, projection: RoutingProjection, hidden: int) -> None:
@@ -61,7 +63,8 @@ class ExpertSlot(nn.Module):
 
     def __setattr__(self, name: str, value) -> None:
         super().__setattr__(name, value)
-        note_slot_change()
+        if name in self._parameters or name in self._buffers or name in self._modules:
+            note_slot_change()
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         super()._load_from_state_dict(*args, **kwargs)
@@ -114,6 +117,7 @@ class LEMoELayer(nn.Module):
         # with the original's weights): copies and pickles rebuild it on first use.
         state = dict(self.__dict__)
         state.pop("_routing_table", None)
+        state.pop("_flag_store", None)  # the copy's flags are not views of it
         state["_last_routes"] = self.last_routes
         return state
 
@@ -172,17 +176,23 @@ class LEMoELayer(nn.Module):
         """The experts' stacked routing state, rebuilt only when a slot changed.
 
         ``learned=False``: the caller uses no routing projection or key (anchor router), so
-        a change to those alone does not force a rebuild.
+        a change to those alone does not force a rebuild. The slots' ``enabled`` flags are
+        made views of one tensor first (:func:`~.routing.share_flags`), kept while they stay
+        so, so that the table checks them all with one version counter.
         """
         table = self.__dict__.get("_routing_table")
         if table is None or not table.is_current(learned):
-            table = RoutingTable(self.slots)
+            store = share_flags(self.slots, self.__dict__.get("_flag_store"))
+            table = RoutingTable(self.slots, store)
+            self.__dict__["_flag_store"] = store
             self.__dict__["_routing_table"] = table
         return table
 
     def _apply(self, fn, *args, **kwargs):
-        # .to() / .half() / .cuda() change tensors without touching their version counters.
+        # .to() / .half() / .cuda() change tensors without touching their version counters,
+        # and move each flag on its own.
         self.__dict__.pop("_routing_table", None)
+        self.__dict__.pop("_flag_store", None)
         return super()._apply(fn, *args, **kwargs)
 
     def route(self, query: torch.Tensor, valid: torch.Tensor) -> Routes:
@@ -216,11 +226,11 @@ class LEMoELayer(nn.Module):
         """Top-1 nearest-anchor routing and the routed experts, in as few tensor operations as
         the forward of an edited model can take: it runs on every forward.
 
-        The same routes as :func:`~.routing.select_routes` (its top-1 anchor path): one
-        product against the stacked anchors (plus the tie-breaking offsets) and one max. The
-        guard, the padding mask and the grouping by expert are then read in Python from the
-        few numbers of a prompt or a generation step, which costs less than the tensor
-        operations they would take; each routed expert runs once, on its positions only.
+        The same routes as :func:`~.routing.select_routes` (its top-1 anchor path: both
+        take :meth:`~.routing.RoutingTable.nearest_anchor`). The guard, the padding mask and
+        the grouping by expert are then read in Python from the few numbers of a prompt or
+        a generation step, which costs less than the tensor operations they would take;
+        each routed expert runs once, on its positions only.
         """
         hp = self.hparams
         B, T, H = x.shape
@@ -234,7 +244,7 @@ class LEMoELayer(nn.Module):
         else:
             q, valid = queries.current(x)
             q = q.reshape(B * T, H)
-        best, column = torch.addmm(table.anchor_bias, q, table.anchors_t).max(1)
+        best, column = table.nearest_anchor(q)
         columns = column.tolist()
         keep = [True] * (B * T) if valid is None else valid.reshape(-1).tolist()
         if hp.locality_guard:

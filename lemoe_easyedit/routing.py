@@ -117,14 +117,22 @@ class RoutingTable:
     Moving the model to another device or dtype drops the table too (``LEMoELayer._apply``).
     """
 
-    def __init__(self, slots) -> None:
+    def __init__(self, slots, flags: Optional[torch.Tensor] = None) -> None:
         slots = tuple(slots)
         self.slots = slots
         self.n = len(slots)
         self.changes = _slot_changes[0]
-        #: Every slot's ``enabled`` flag, as views of this one tensor (see share_flags).
-        self.flags = share_flags(slots)
-        self._flag_version = self.flags._version
+        #: Every slot's ``enabled`` flag. When the slots' flags are views of this one tensor
+        #: (:func:`share_flags`, which the layer applies), one version counter covers them
+        #: all; otherwise the table reads a stacked copy and checks every flag's counter.
+        if flags is None or not _views_of(flags, slots):
+            flags = torch.stack([s._parameters["enabled"].detach() for s in slots]) \
+                if slots else torch.zeros(0)
+            self._own_flags = tuple(s._parameters["enabled"] for s in slots)
+        else:
+            self._own_flags = ()
+        self.flags = flags
+        self._flag_version = self._flag_versions()
         # Each expert's forward as a closure over its weights, made on its first use: a
         # table is rebuilt on every edit call, and a forward uses only the experts it routes to.
         self._serving: List[Optional[Tuple[Callable, torch.Tensor]]] = [None] * self.n
@@ -173,6 +181,11 @@ class RoutingTable:
             parts = self._serving[index] = self.slots[index].expert.serving_parts()
         return parts
 
+    def _flag_versions(self) -> int:
+        if not self._own_flags:
+            return self.flags._version
+        return sum(map(_VERSION, self._own_flags))
+
     # The learned router's state, built on first use: the anchor router never reads it, and
     # a serving table then holds no copy of the projections.
     @functools.cached_property
@@ -181,15 +194,18 @@ class RoutingTable:
             s.routing._parameters["key"], s.routing.down._parameters["weight"],
             s.routing.up._parameters["weight"]))
 
-    @functools.cached_property
-    def _learned_versions(self) -> int:
-        # Taken when ``down`` or ``key_dirs`` is first built, from the tensors they read.
-        return sum(map(_VERSION, self._learned_tensors))
+    def _record_learned_versions(self) -> None:
+        """Remember the version counters of the tensors ``down`` and ``key_dirs`` copy, once
+        the first of them is built (:meth:`is_current` then checks them)."""
+        if self._learned_versions is None:
+            self._learned_versions = sum(map(_VERSION, self._learned_tensors))
+
+    _learned_versions: Optional[int] = None
 
     @functools.cached_property
     def down(self) -> torch.Tensor:
         """``W_down`` of every expert stacked, ``[n * dim, hidden]``, float32."""
-        self._learned_versions  # noqa: B018 - the versions this copy is of
+        self._record_learned_versions()
         with torch.no_grad():
             # Routing is float32 whatever the model's dtype (queries are float32).
             return torch.cat([s.routing.down.weight.detach() for s in self.slots]).float()
@@ -197,7 +213,7 @@ class RoutingTable:
     @functools.cached_property
     def key_dirs(self) -> torch.Tensor:
         """``W_up^T k`` of every expert, ``[n, dim]``, float32."""
-        self._learned_versions  # noqa: B018 - the versions this copy is of
+        self._record_learned_versions()
         with torch.no_grad():
             return torch.stack([s.routing.key_direction().detach() for s in self.slots]).float()
 
@@ -207,14 +223,29 @@ class RoutingTable:
         ``learned=False`` leaves out the routing projections and keys, which only the learned
         router reads: a table whose keys went stale is still current for the anchor router,
         and is rebuilt the first time the learned router asks (until it has built its
-        stacked state, there is nothing of it to go stale). Two integer comparisons: the
-        slots' change count and the one version counter of all enabled flags.
+        stacked state, there is nothing of it to go stale). Two integer comparisons when the
+        flags are shared (:func:`share_flags`): the slots' change count and the one version
+        counter of all enabled flags.
         """
-        if self.changes != _slot_changes[0] or self.flags._version != self._flag_version:
+        if self.changes != _slot_changes[0] or self._flag_versions() != self._flag_version:
             return False
-        if not learned or "_learned_versions" not in self.__dict__:
+        if not learned or self._learned_versions is None:
             return True
         return sum(map(_VERSION, self._learned_tensors)) == self._learned_versions
+
+    def nearest_anchor(self, flat: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(similarity, column)`` of the nearest anchor of an enabled expert for each of
+        ``P`` normalised queries ``[P, hidden]``; ``owner[column]`` is its expert.
+
+        One product against the stacked anchors plus the tie-breaking offsets
+        (``anchor_bias``) and one max, values and indices together (cheaper than argmax and
+        a gather). The similarity includes the offset, which moves a guard's threshold by
+        less than 1e-6. Top-1 anchor routing, in :func:`select_routes` and in the layer's
+        serving path alike.
+        """
+        if flat.dtype != torch.float32:
+            flat = flat.float()
+        return torch.addmm(self.anchor_bias, flat, self.anchors_t).max(1)
 
     def scores(self, flat: torch.Tensor) -> torch.Tensor:
         """Learned-router scores ``[P, n]`` of ``P`` normalised queries."""
@@ -243,26 +274,41 @@ class RoutingTable:
         return near
 
 
-def share_flags(slots) -> torch.Tensor:
-    """Put the ``enabled`` flags of ``slots`` into one tensor and return it.
+def share_flags(slots, store: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Make the ``enabled`` flags of ``slots`` views of one tensor and return that tensor.
 
-    Each slot's flag is replaced by a parameter viewing its element of the returned tensor
-    (same value). Views share their base's version counter, so an in-place write to any
-    flag (EasyEdit's release writes ``0`` into a flag it finds by name) bumps one counter,
-    and a forward checks whether any expert was switched off by reading one integer instead
-    of one per expert (cold in cache behind the rest of the model's forward: tens of
-    microseconds at 100 experts). Code that keeps a flag should look it up by name again
-    after the routing table is rebuilt.
+    ``store``: the tensor of an earlier call, returned as it is while every flag still views
+    its element (an added, removed or reassigned flag makes a new one). Otherwise each
+    slot's flag is replaced by a parameter viewing its element of a new tensor (same value).
+    Views share their base's version counter, so an in-place write to any flag (EasyEdit's
+    release writes ``0`` into a flag it finds by name) bumps one counter, and a forward
+    checks whether any expert was switched off by reading one integer instead of one per
+    expert (cold in cache behind the rest of the model's forward: tens of microseconds at
+    100 experts). Code that keeps a flag should look it up by name again after a slot was
+    added or removed.
     """
+    if store is not None and _views_of(store, slots):
+        return store
     flags = [s._parameters["enabled"] for s in slots]
     if not flags:
         return torch.zeros(0)
     with torch.no_grad():
         store = torch.stack([f.detach() for f in flags])
     for i, s in enumerate(slots):
-        # Not through setattr: that notes a slot change, which would make this table stale.
+        # Not through setattr: the flag keeps its value, so no slot change is to be noted.
         s._parameters["enabled"] = nn.Parameter(store[i], requires_grad=False)
     return store
+
+
+def _views_of(store: torch.Tensor, slots) -> bool:
+    """Whether slot ``i``'s ``enabled`` flag is element ``i`` of ``store``, for every slot."""
+    slots = tuple(slots)
+    if store.dim() != 1 or len(store) != len(slots) or not store.is_contiguous():
+        return False
+    base, size = store.data_ptr(), store.element_size()
+    return all(f is not None and f.device == store.device and f.dtype == store.dtype
+               and f.data_ptr() == base + i * size
+               for i, f in enumerate(s._parameters.get("enabled") for s in slots))
 
 
 def select_routes(query: torch.Tensor, valid: Optional[torch.Tensor], table: RoutingTable, *,
@@ -280,13 +326,8 @@ def select_routes(query: torch.Tensor, valid: Optional[torch.Tensor], table: Rou
     flat = query.reshape(B * T, -1)
     k = min(top_k, table.live)
     if router == "anchor" and k == 1 and table.all_live_anchored:
-        # The expert with the nearest anchor is the owner of the nearest anchor: one product
-        # (plus the tie-breaking offsets) and one max over the enabled experts' anchors
-        # (values and indices together, cheaper than argmax and a gather). The guard reads
-        # the offset similarity: it moves the threshold by less than 1e-6.
-        flat = flat if flat.dtype == torch.float32 else flat.float()
-        best_sim, best = torch.addmm(table.anchor_bias, flat, table.anchors_t).max(
-            1, keepdim=True)
+        # The expert with the nearest anchor is the owner of the nearest anchor.
+        best_sim, best = (t.unsqueeze(1) for t in table.nearest_anchor(flat))
         idx = table.owner[best]
         drop = None if valid is None else ~valid.reshape(-1, 1)
         if guard:

@@ -200,7 +200,12 @@ def test_routing_table_is_rebuilt_exactly_when_a_slot_changes(tiny_models):
         layer.slots[3].enabled.fill_(0.0)
     check(True)
     layer.slots[1].anchors = q[1].clone()             # anchors replaced
+    flag = layer.slots[0].enabled
     check(True)
+    assert layer.slots[0].enabled is flag             # flags still shared: not re-made
+    layer.slots[1].freeze()                           # plain attributes: not read by the
+    layer.slots[1].edits = layer.slots[1].edits + [{"case_id": 1}]  # table, no rebuild
+    check(False)
     state = {k: v.clone() for k, v in layer.slots[2].state_dict().items()}
     state["routing.key"] = torch.randn_like(state["routing.key"])
     layer.slots[2].load_state_dict(state)             # loaded in place
@@ -231,6 +236,19 @@ def test_shared_flags_keep_their_values_and_save(tiny_models, tmp_path):
     fresh, _ = load(tiny_models("llama"))
     loaded = load_edits(fresh, tmp_path / "edits")
     assert [s.is_enabled for s in loaded.slots] == [True, False, True]
+
+
+def test_table_built_without_the_layer_leaves_flags_alone_and_still_sees_writes(tiny_models):
+    model, tok, layer = _layer_with_slots(tiny_models, 3, router="anchor", top_k=1)
+    flags = [s._parameters["enabled"] for s in layer.slots]
+    table = RoutingTable(layer.slots)                 # no shared store given
+    assert [s._parameters["enabled"] for s in layer.slots] == flags
+    assert all(a is b for a, b in zip(flags, (s._parameters["enabled"] for s in layer.slots)))
+    assert table.is_current(False) and table.live == 3
+    with torch.no_grad():
+        layer.slots[2].enabled[...] = 0.0             # an in-place write to one flag
+    assert not table.is_current(False)
+    assert RoutingTable(layer.slots).live == 2
 
 
 def test_table_of_no_slots_routes_nowhere():
