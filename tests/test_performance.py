@@ -344,9 +344,12 @@ def test_benchmark_runs_end_to_end_at_a_tiny_size(tiny_models, tmp_path):
         assert len(r["rounds"]) == 2 and r["seconds"] == min(r["rounds"]), (m, r["rounds"])
     le = res["methods"]["LEMoE"]
     assert set(le["seconds_per_edit_at"]) == {"4", "8"} and len(le["protocol"]) == 2
-    for p in le["protocol"]:
-        for b in p["blocks"]:
-            assert len(b["rounds"]) == 2 and b["seconds"] == min(b["rounds"])
+    for p in le["protocol"]:                         # one T's blocks: one round together
+        assert len(p["rounds"]) == 2 and p["seconds"] == min(p["rounds"])
+        kept = p["rounds"].index(p["seconds"])
+        assert all(len(b["rounds"]) == 2 for b in p["blocks"])
+        assert sum(b["rounds"][kept] for b in p["blocks"]) == pytest.approx(
+            p["seconds"] * len(p["blocks"]))
     assert le["seconds_per_edit"] == le["protocol"][-1]["seconds_per_edit"]
     inst = le["installments"]
     assert set(inst["seconds_per_edit_at"]) == {"4", "8"}
