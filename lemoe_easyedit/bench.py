@@ -491,7 +491,8 @@ def _lemoe_worker(job: dict) -> dict:
        each), up to ``max(stream)``: the marginal cost per edit along the stream, serving
        cost at each number of experts in ``experts``, and memory.
 
-    A ``timing_only`` job (a later round) runs the protocol mode alone.
+    A ``timing_only`` job (a later round) times the protocol mode and the installment
+    stream (after a rehearsal of it, as the first round does) and nothing else.
     """
     import dataclasses
 
@@ -501,12 +502,21 @@ def _lemoe_worker(job: dict) -> dict:
     _worker_setup(job)
     hp = _load_job_hparams(job)
     requests = json.loads(Path(job["requests"]).read_text())
-    if job.get("timing_only"):
-        return {"status": "ok", "protocol": _lemoe_protocol(job, hp, requests)}
     T, epe, window = max(job["stream"]), job["edits_per_expert"], job["window"]
+    inst_hp = dataclasses.replace(hp, edits_per_expert=epe, batch_size=max(hp.batch_size, epe))
+    if job.get("timing_only"):
+        model, tok = load_model_and_tokenizer(inst_hp)
+        _rehearse_stream(model, tok, requests[:T], inst_hp, epe)
+        calls: List[dict] = []
+        _installments(model, tok, requests[:T], inst_hp, epe,
+                      lambda _, done, seconds: calls.append({"edits": done, "seconds": seconds}))
+        del model
+        _settle()
+        return {"status": "ok", "protocol": _lemoe_protocol(job, hp, requests),
+                "installments": {"stream": calls, "seconds_per_edit_at": {
+                    str(t): _marginal_per_edit(calls, t, window) for t in job["stream"]}}}
 
     # -- 2. installments (first: its memory baseline is the loaded model, warmed up) ------
-    inst_hp = dataclasses.replace(hp, edits_per_expert=epe, batch_size=max(hp.batch_size, epe))
     model, tok = load_model_and_tokenizer(inst_hp)
     # Latency prompts: half edited by the first checkpoint, half never edited (locality
     # prompts, or requests beyond the stream).
@@ -543,19 +553,11 @@ def _lemoe_worker(job: dict) -> dict:
     layer = find_adaptor(model)
     after = _memory_point()
     expert_bytes, table_bytes = _slot_bytes(layer), _table_bytes(layer)
-    times = [s["seconds"] for s in stream]
-    ends = [s["edits"] for s in stream]
-
-    def per_edit_before(t: int) -> Optional[float]:
-        lo = t - window
-        secs = sum(dt for dt, e in zip(times, ends) if lo < e <= t)
-        n = sum(e - max(lo, e0) for e0, e in zip([0] + ends[:-1], ends) if lo < e <= t)
-        return secs / n if n else None
-
     installments = {
         "call_size": epe, "edits": T, "calls": len(stream), "experts": len(layer.slots),
-        "seconds": sum(times),
-        "seconds_per_edit_at": {str(t): per_edit_before(t) for t in job["stream"] if t <= T},
+        "seconds": sum(s["seconds"] for s in stream),
+        "seconds_per_edit_at": {str(t): _marginal_per_edit(stream, t, window)
+                                for t in job["stream"]},
         "stream": stream, "serving": serving,
         "base_rss_bytes": base["rss"],
         "rss_above_base_bytes": after["rss"] - base["rss"],
@@ -590,13 +592,27 @@ def _lemoe_worker(job: dict) -> dict:
     }
 
 
+def _marginal_per_edit(calls: Sequence[dict], t: int, window: int) -> Optional[float]:
+    """Seconds per edit of the installment calls that end within the ``window`` edits up to
+    edit ``t`` (``calls``: ``{"edits": edits done after the call, "seconds": its time}``)."""
+    lo, secs, n, before = t - window, 0.0, 0, 0
+    for c in calls:
+        if lo < c["edits"] <= t:
+            secs += c["seconds"]
+            n += c["edits"] - max(lo, before)
+        before = c["edits"]
+    return secs / n if n else None
+
+
 def _lemoe_protocol(job: dict, hp, requests: Sequence[dict]) -> List[dict]:
     """LEMoE's editing cost in protocol mode, for each T of the job's stream.
 
     A shorter T is timed on each of the T-edit blocks of the longest stream, each from a
     fresh model: every T then edits the same facts. The first 100 testbed edits alone need
     40% fewer training steps per edit than the 1000 (their expert batches converge sooner),
-    which a single first block would count as growth with the stream.
+    which a single first block would count as growth with the stream. The longest T runs
+    halfway through the shorter T's blocks, so that a drift of the machine's speed over the
+    minute the runs take reaches both alike.
     """
     from .editing import apply_lemoe_to_model
     from .evaluation import edit_calls, edit_mode, load_model_and_tokenizer
@@ -604,24 +620,24 @@ def _lemoe_protocol(job: dict, hp, requests: Sequence[dict]) -> List[dict]:
 
     T = max(job["stream"])
     mode, size = edit_mode("LEMoE", hp)
-    protocol = []
-    for t in job["stream"]:
-        blocks = []
-        calls = edit_calls(t, mode, size)
-        for offset in range(0, max(T // t, 1) * t, t):
-            model, tok = load_model_and_tokenizer(hp)
-            block = requests[offset:offset + t]
-            t0 = time.perf_counter()
-            for start, end in calls:
-                model, _ = apply_lemoe_to_model(
-                    model, tok, [copy.deepcopy(r) for r in block[start:end]], hp)
-            blocks.append({"first_edit": offset, "seconds": time.perf_counter() - t0,
-                           "experts": len(find_adaptor(model).slots),
-                           "rewrite_acc": _rewrite_accuracy(model, tok, block)})
-            del model
-            _settle()
-        protocol.append(_protocol_entry(t, blocks, mode, size, len(calls)))
-    return protocol
+    runs = [(t, offset) for t in job["stream"] if t != T
+            for offset in range(0, max(T // t, 1) * t, t)]
+    runs.insert(len(runs) // 2, (T, 0))
+    blocks: Dict[int, List[dict]] = {t: [] for t in job["stream"]}
+    for t, offset in runs:
+        model, tok = load_model_and_tokenizer(hp)
+        block = requests[offset:offset + t]
+        t0 = time.perf_counter()
+        for start, end in edit_calls(t, mode, size):
+            model, _ = apply_lemoe_to_model(
+                model, tok, [copy.deepcopy(r) for r in block[start:end]], hp)
+        blocks[t].append({"first_edit": offset, "seconds": time.perf_counter() - t0,
+                          "experts": len(find_adaptor(model).slots),
+                          "rewrite_acc": _rewrite_accuracy(model, tok, block)})
+        del model
+        _settle()
+    return [_protocol_entry(t, blocks[t], mode, size, len(edit_calls(t, mode, size)))
+            for t in job["stream"]]
 
 
 def _protocol_entry(t: int, blocks: List[dict], mode: str, call_size: int, calls: int) -> dict:
@@ -672,6 +688,14 @@ def _fastest_round(first: dict, later: Sequence[dict]) -> dict:
         # Each round's time at the longest T (the blocks keep theirs).
         res.update(_protocol_fields(protocol), protocol=protocol,
                    rounds=[r["protocol"][-1]["seconds"] for r in [first] + ok])
+        # Installments: each window's fastest round (every window is the same ten calls).
+        inst = dict(first["installments"])
+        per_round = {t: [r["installments"]["seconds_per_edit_at"].get(t) for r in [first] + ok]
+                     for t in inst["seconds_per_edit_at"]}
+        inst["seconds_per_edit_at"] = {
+            t: min((v for v in vs if v is not None), default=None) for t, vs in per_round.items()}
+        inst["rounds"] = per_round
+        res["installments"] = inst
         return res
     seconds = [first["seconds"]] + [r["seconds"] for r in ok]
     res.update(seconds=min(seconds), seconds_per_edit=min(seconds) / first["edits"],
@@ -1001,7 +1025,7 @@ def run_bench(args: argparse.Namespace) -> Dict[str, Any]:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    stream = sorted(args.stream)
+    stream = sorted(set(args.stream))
     T = stream[-1]
     window = max(1, min(args.window, stream[0]))
     grace_edits = args.grace_edits or T
@@ -1185,7 +1209,7 @@ def markdown(res: dict) -> str:
                   f"a fresh model; the fastest round of all its blocks together). "
                   f"Installments: calls of {inst['call_size']} edits (one expert each) one "
                   f"after the other; marginal time per edit over the {s['window']} edits "
-                  "before T.", "",
+                  "before T (each window's fastest round).", "",
                   "| T | protocol: experts | protocol: s / edit | installments: experts | "
                   "installments: marginal s / edit |", "|---|---|---|---|---|"]
         proto = {str(p["T"]): p for p in le["protocol"]}

@@ -353,6 +353,8 @@ def test_benchmark_runs_end_to_end_at_a_tiny_size(tiny_models, tmp_path):
     assert le["seconds_per_edit"] == le["protocol"][-1]["seconds_per_edit"]
     inst = le["installments"]
     assert set(inst["seconds_per_edit_at"]) == {"4", "8"}
+    for t, per_round in inst["rounds"].items():      # each window's fastest round
+        assert len(per_round) == 2 and inst["seconds_per_edit_at"][t] == min(per_round)
     assert [s["experts"] for s in inst["serving"]] == [1, 2]
     for key in ("forward_ratio", "batch_forward_ratio", "gen_ratio", "forward_ms_base",
                 "gen_tokens_per_s"):
@@ -452,3 +454,14 @@ def test_serving_path_gives_the_routes_and_outputs_of_the_general_path(tiny_mode
     assert len(set(routes[routes >= 0].tolist())) >= 3  # several experts in one forward
     assert not guard or (routes == -1).any()
     assert (routes[~batch["attention_mask"].bool()] == -1).all()  # padding goes nowhere
+
+
+def test_marginal_time_per_edit_counts_the_calls_ending_in_the_window():
+    from lemoe_easyedit.bench import _marginal_per_edit
+
+    calls = [{"edits": 4, "seconds": 1.0}, {"edits": 8, "seconds": 2.0},
+             {"edits": 12, "seconds": 3.0}]
+    assert _marginal_per_edit(calls, 8, 4) == pytest.approx(2.0 / 4)
+    assert _marginal_per_edit(calls, 12, 8) == pytest.approx(5.0 / 8)
+    assert _marginal_per_edit(calls, 4, 4) == pytest.approx(1.0 / 4)
+    assert _marginal_per_edit(calls, 2, 1) is None          # no call ends in (1, 2]
