@@ -20,9 +20,10 @@ One run, on one model and one list of edits, measures
   long on this project's CI machine) does not land on one method alone;
 * **growth of LEMoE's cost with the stream**: the time per edit of each ``T`` in
   ``--stream`` (protocol mode, fresh model each; a shorter ``T`` on each of the ``T``-edit
-  blocks of the longest stream, so that every ``T`` edits the same facts), and the marginal
-  time per edit over the ``--window`` edits before each ``T`` when the stream arrives in
-  installments of ``--edits-per-expert`` edits (one call, one expert each);
+  blocks of the longest stream, so that every ``T`` edits the same facts, the longest run
+  halfway through those blocks; each ``T``'s fastest round), and the marginal time per edit
+  over the ``--window`` edits before each ``T`` when the stream arrives in installments of
+  ``--edits-per-expert`` edits (one call, one expert each; each window's fastest round);
 * **serving cost**: when the installments have made 1, 5, 20, 100 (``--experts``) experts,
   the forward latency (one prompt at a time, and one padded batch) and the greedy
   generation throughput of the edited model relative to the unedited one, interleaved in
