@@ -514,8 +514,8 @@ def _lemoe_worker(job: dict) -> dict:
         del model
         _settle()
         return {"status": "ok", "protocol": _lemoe_protocol(job, hp, requests),
-                "installments": {"stream": calls, "seconds_per_edit_at": {
-                    str(t): _marginal_per_edit(calls, t, window) for t in job["stream"]}}}
+                "installments": {"stream": calls, "seconds_per_edit_at": _marginal_per_edit_at(
+                    calls, job["stream"], window)}}
 
     # -- 2. installments (first: its memory baseline is the loaded model, warmed up) ------
     model, tok = load_model_and_tokenizer(inst_hp)
@@ -557,8 +557,7 @@ def _lemoe_worker(job: dict) -> dict:
     installments = {
         "call_size": epe, "edits": T, "calls": len(stream), "experts": len(layer.slots),
         "seconds": sum(s["seconds"] for s in stream),
-        "seconds_per_edit_at": {str(t): _marginal_per_edit(stream, t, window)
-                                for t in job["stream"]},
+        "seconds_per_edit_at": _marginal_per_edit_at(stream, job["stream"], window),
         "stream": stream, "serving": serving,
         "base_rss_bytes": base["rss"],
         "rss_above_base_bytes": after["rss"] - base["rss"],
@@ -593,6 +592,12 @@ def _lemoe_worker(job: dict) -> dict:
     }
 
 
+def _marginal_per_edit_at(calls: Sequence[dict], ts: Sequence[int],
+                          window: int) -> Dict[str, Optional[float]]:
+    """:func:`_marginal_per_edit` at each ``t`` of ``ts``, keyed by ``str(t)``."""
+    return {str(t): _marginal_per_edit(calls, t, window) for t in ts}
+
+
 def _marginal_per_edit(calls: Sequence[dict], t: int, window: int) -> Optional[float]:
     """Seconds per edit of the installment calls that end within the ``window`` edits up to
     edit ``t`` (``calls``: ``{"edits": edits done after the call, "seconds": its time}``)."""
@@ -624,12 +629,13 @@ def _lemoe_protocol(job: dict, hp, requests: Sequence[dict]) -> List[dict]:
     runs = [(t, offset) for t in job["stream"] if t != T
             for offset in range(0, max(T // t, 1) * t, t)]
     runs.insert(len(runs) // 2, (T, 0))
+    calls = {t: edit_calls(t, mode, size) for t in job["stream"]}
     blocks: Dict[int, List[dict]] = {t: [] for t in job["stream"]}
     for t, offset in runs:
         model, tok = load_model_and_tokenizer(hp)
         block = requests[offset:offset + t]
         t0 = time.perf_counter()
-        for start, end in edit_calls(t, mode, size):
+        for start, end in calls[t]:
             model, _ = apply_lemoe_to_model(
                 model, tok, [copy.deepcopy(r) for r in block[start:end]], hp)
         blocks[t].append({"first_edit": offset, "seconds": time.perf_counter() - t0,
@@ -637,8 +643,7 @@ def _lemoe_protocol(job: dict, hp, requests: Sequence[dict]) -> List[dict]:
                           "rewrite_acc": _rewrite_accuracy(model, tok, block)})
         del model
         _settle()
-    return [_protocol_entry(t, blocks[t], mode, size, len(edit_calls(t, mode, size)))
-            for t in job["stream"]]
+    return [_protocol_entry(t, blocks[t], mode, size, len(calls[t])) for t in job["stream"]]
 
 
 def _protocol_entry(t: int, blocks: List[dict], mode: str, call_size: int, calls: int) -> dict:
@@ -684,8 +689,7 @@ def _fastest_round(first: dict, later: Sequence[dict]) -> dict:
             best = min(runs, key=lambda r: r["seconds"])
             blocks = [dict(b, rounds=[r["blocks"][j]["seconds"] for r in runs])
                       for j, b in enumerate(best["blocks"])]
-            entry = _protocol_entry(p["T"], blocks, p["mode"], p["call_size"], p["calls"])
-            protocol.append(dict(entry, rounds=[r["seconds"] for r in runs]))
+            protocol.append(dict(best, blocks=blocks, rounds=[r["seconds"] for r in runs]))
         # Each round's time at the longest T (the blocks keep theirs).
         res.update(_protocol_fields(protocol), protocol=protocol,
                    rounds=[r["protocol"][-1]["seconds"] for r in [first] + ok])
