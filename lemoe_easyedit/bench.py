@@ -638,8 +638,11 @@ def _lemoe_protocol(job: dict, hp, requests: Sequence[dict]) -> List[dict]:
         for start, end in calls[t]:
             model, _ = apply_lemoe_to_model(
                 model, tok, [copy.deepcopy(r) for r in block[start:end]], hp)
-        blocks[t].append({"first_edit": offset, "seconds": time.perf_counter() - t0,
-                          "experts": len(find_adaptor(model).slots),
+        seconds = time.perf_counter() - t0
+        adaptor = find_adaptor(model)
+        blocks[t].append({"first_edit": offset, "seconds": seconds,
+                          "experts": len(adaptor.slots),
+                          "steps": sum(e.get("steps", 0) for e in adaptor.history),
                           "rewrite_acc": _rewrite_accuracy(model, tok, block)})
         del model
         _settle()
@@ -649,9 +652,14 @@ def _lemoe_protocol(job: dict, hp, requests: Sequence[dict]) -> List[dict]:
 def _protocol_entry(t: int, blocks: List[dict], mode: str, call_size: int, calls: int) -> dict:
     """One T's protocol figures from its blocks (time per edit: total over the blocks)."""
     secs = sum(b["seconds"] for b in blocks)
+    steps = sum(b["steps"] for b in blocks)
     return {"T": t, "mode": mode, "call_size": call_size, "calls": calls, "blocks": blocks,
             "seconds": secs / len(blocks), "seconds_per_edit": secs / (t * len(blocks)),
             "experts": blocks[0]["experts"],
+            # Time per edit = steps per edit x time per step: the first is the method's (how
+            # soon the planned batches converge), the second the implementation's.
+            "steps_per_edit": steps / (t * len(blocks)),
+            "seconds_per_step": secs / steps if steps else None,
             "rewrite_acc": sum(b["rewrite_acc"] for b in blocks) / len(blocks)}
 
 
@@ -1215,13 +1223,26 @@ def markdown(res: dict) -> str:
                   f"Installments: calls of {inst['call_size']} edits (one expert each) one "
                   f"after the other; marginal time per edit over the {s['window']} edits "
                   "before T (each window's fastest round).", "",
-                  "| T | protocol: experts | protocol: s / edit | installments: experts | "
-                  "installments: marginal s / edit |", "|---|---|---|---|---|"]
+                  "| T | protocol: experts | protocol: s / edit | protocol: training steps "
+                  "/ edit | protocol: ms / step | installments: experts | "
+                  "installments: marginal s / edit |", "|---|---|---|---|---|---|---|"]
         proto = {str(p["T"]): p for p in le["protocol"]}
         for t in sorted(proto, key=int):
-            lines.append(f"| {t} | {proto[t]['experts']} | {_f(proto[t]['seconds_per_edit'])} "
+            p = proto[t]
+            per_step = p.get("seconds_per_step")
+            lines.append(f"| {t} | {p['experts']} | {_f(p['seconds_per_edit'])} "
+                         f"| {_f(p.get('steps_per_edit'))} "
+                         f"| {_f(None if per_step is None else 1000 * per_step)} "
                          f"| {-(-int(t) // inst['call_size'])} | "
                          f"{_f(inst['seconds_per_edit_at'].get(t))} |")
+        ends = [proto[min(proto, key=int)], proto[max(proto, key=int)]]
+        if len(proto) > 1 and all(p.get("seconds_per_step") for p in ends):
+            ratio = [ends[1][k] / ends[0][k]
+                     for k in ("seconds_per_edit", "steps_per_edit", "seconds_per_step")]
+            lines += ["", f"Protocol growth T={ends[1]['T']} / T={ends[0]['T']}: time per "
+                      f"edit {_f(ratio[0])} = training steps per edit {_f(ratio[1])} x time "
+                      f"per step {_f(ratio[2])} (the steps are the method's: how soon the "
+                      "planned batches converge; the time per step is the implementation's)."]
         lines += ["", "## Serving cost (edited / unedited, interleaved in one process, best of "
                   f"{s['repeats']})", "",
                   f"Forward: {s['latency_prompts']} prompts one at a time (half edited, half "

@@ -350,6 +350,11 @@ def test_benchmark_runs_end_to_end_at_a_tiny_size(tiny_models, tmp_path):
         assert all(len(b["rounds"]) == 2 for b in p["blocks"])
         assert sum(b["rounds"][kept] for b in p["blocks"]) == pytest.approx(
             p["seconds"] * len(p["blocks"]))
+        # Every block trained (its experts' steps from the layer's history), and the time
+        # per edit splits into steps per edit and time per step.
+        assert all(b["steps"] >= b["experts"] for b in p["blocks"])
+        assert p["seconds_per_edit"] == pytest.approx(p["steps_per_edit"] * p["seconds_per_step"])
+    assert "Protocol growth T=8 / T=4: time per edit" in md
     assert le["seconds_per_edit"] == le["protocol"][-1]["seconds_per_edit"]
     inst = le["installments"]
     assert set(inst["seconds_per_edit_at"]) == {"4", "8"}
