@@ -585,7 +585,8 @@ def _lemoe_worker(job: dict) -> dict:
 
     protocol = _lemoe_protocol(job, hp, requests)
     return {
-        "status": "ok", "edits_per_expert": hp.edits_per_expert, **_protocol_fields(protocol),
+        "status": "ok", "edits_per_expert": hp.edits_per_expert,
+        "order_planning": hp.order_planning, **_protocol_fields(protocol),
         "protocol": protocol, "installments": installments,
         "peak_rss_bytes": _peak_rss_bytes(), "base_rss_bytes": base["rss"],
         "rss_above_base_bytes": installments["rss_above_base_bytes"],
@@ -1217,7 +1218,9 @@ def markdown(res: dict) -> str:
         inst = le["installments"]
         lines += ["", "## LEMoE cost along the stream", "",
                   f"Protocol mode: the T edits from a freshly loaded model, in calls of "
-                  f"{le['call_size']}, planned into experts of {le['edits_per_expert']} edits "
+                  f"{le['call_size']}, "
+                  f"{'planned' if le.get('order_planning', True) else 'cut in order'} "
+                  f"into experts of {le['edits_per_expert']} edits "
                   f"(a shorter T: mean over the T-edit blocks of the longest stream, each from "
                   f"a fresh model; the fastest round of all its blocks together). "
                   f"Installments: calls of {inst['call_size']} edits (one expert each) one "
