@@ -1,5 +1,5 @@
-"""Training steps and seconds of LEMoE's protocol mode, with K-means order planning on (the
-testbed YAML) and off: the 100-edit blocks of the testbed stream against the whole stream
+"""Training steps and seconds of LEMoE's protocol mode, with K-means order planning on and
+off (the testbed YAML): the 100-edit blocks of the testbed stream against the whole stream
 in one call, each from a fresh model (the bench's protocol mode, ``bench._lemoe_protocol``).
 
 Splits the protocol-mode growth of ``bench.py`` into the method's part (training steps per

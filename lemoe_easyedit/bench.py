@@ -658,7 +658,7 @@ def _protocol_entry(t: int, blocks: List[dict], mode: str, call_size: int, calls
             "seconds": secs / len(blocks), "seconds_per_edit": secs / (t * len(blocks)),
             "experts": blocks[0]["experts"],
             # Time per edit = steps per edit x time per step: the first is the method's (how
-            # soon the planned batches converge), the second the implementation's.
+            # soon the batches converge), the second the implementation's.
             "steps_per_edit": steps / (t * len(blocks)),
             "seconds_per_step": secs / steps if steps else None,
             "rewrite_acc": sum(b["rewrite_acc"] for b in blocks) / len(blocks)}
@@ -1219,7 +1219,7 @@ def markdown(res: dict) -> str:
         lines += ["", "## LEMoE cost along the stream", "",
                   f"Protocol mode: the T edits from a freshly loaded model, in calls of "
                   f"{le['call_size']}, "
-                  f"{'planned' if le.get('order_planning', True) else 'cut in order'} "
+                  f"{'planned' if le['order_planning'] else 'cut in order'} "
                   f"into experts of {le['edits_per_expert']} edits "
                   f"(a shorter T: mean over the T-edit blocks of the longest stream, each from "
                   f"a fresh model; the fastest round of all its blocks together). "
@@ -1245,7 +1245,7 @@ def markdown(res: dict) -> str:
             lines += ["", f"Protocol growth T={ends[1]['T']} / T={ends[0]['T']}: time per "
                       f"edit {_f(ratio[0])} = training steps per edit {_f(ratio[1])} x time "
                       f"per step {_f(ratio[2])} (the steps are the method's: how soon the "
-                      "planned batches converge; the time per step is the implementation's)."]
+                      "batches converge; the time per step is the implementation's)."]
         lines += ["", "## Serving cost (edited / unedited, interleaved in one process, best of "
                   f"{s['repeats']})", "",
                   f"Forward: {s['latency_prompts']} prompts one at a time (half edited, half "
