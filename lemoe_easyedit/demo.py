@@ -76,9 +76,10 @@ def demo_command(args: argparse.Namespace) -> int:
     shown = _examples(model, edited, tok, requests[:args.examples], target_token_ids)
     for ex in shown:
         print(f"\n  edit      {ex['edit']!r} -> {ex['target_new']!r}")
-        for kind in ("prompt", "rephrase", "unrelated"):
-            print(f"  {kind:9s} {ex[kind]['text']!r}: {ex[kind]['before']!r} -> "
-                  f"{ex[kind]['after']!r}")
+        for kind, probe in ex.items():
+            if isinstance(probe, dict):
+                print(f"  {kind:13s} {probe['text']!r}: {probe['before']!r} -> "
+                      f"{probe['after']!r}")
 
     results = {
         "method": "LEMoE", "num_edits": len(requests), "model": str(model_path),
@@ -97,11 +98,29 @@ def demo_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rows(summary: Dict) -> List[str]:
+    """The metrics shown: Rel, Gen, Loc (mean over kinds) and Loc of each probe kind."""
+    kinds = [k[4:] for k in summary if k.startswith("loc:")]
+    rows = []
+    for k in METRICS:
+        rows.append(k)
+        if k in ("loc", "loc_em") and len(kinds) > 1:
+            rows.extend(f"{k}:{kind}" for kind in kinds)
+    return rows
+
+
+def _label(key: str) -> str:
+    if ":" not in key:
+        return LABELS[key]
+    metric, kind = key.split(":", 1)
+    return f"{LABELS[metric]}, {kind.replace('_', ' ')}"
+
+
 def _table(before: Dict, after: Dict) -> str:
     lines = ["| metric | before | after |", "|---|---|---|"]
-    for k in METRICS:
+    for k in _rows(after):
         b, a = before.get(k), after.get(k)
-        lines.append(f"| {LABELS[k]} | {_fmt(b)} | {_fmt(a)} |")
+        lines.append(f"| {_label(k)} | {_fmt(b)} | {_fmt(a)} |")
     return "\n".join(lines)
 
 
@@ -114,11 +133,10 @@ def _examples(base, edited, tok, requests: List[dict], target_token_ids) -> List
 
     shown = []
     for r in requests:
-        loc = next(iter((r.get("locality") or {}).values()), None)
         probes = {"prompt": (r["prompt"], r["target_new"]),
-                  "rephrase": (r.get("rephrase_prompt") or r["prompt"], r["target_new"]),
-                  "unrelated": (loc["prompt"], loc["ground_truth"]) if loc else
-                  (r["prompt"], r["target_new"])}
+                  "rephrase": (r.get("rephrase_prompt") or r["prompt"], r["target_new"])}
+        for kind, loc in (r.get("locality") or {}).items():
+            probes[kind] = (loc["prompt"], loc["ground_truth"])
         ex = {"edit": r["prompt"], "target_new": r["target_new"]}
         for kind, (text, answer) in probes.items():
             n = len(target_token_ids(tok, text, answer)[1])
@@ -135,12 +153,12 @@ def _plot(before: Dict, after: Dict, path: Path, n: int) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [k for k in METRICS if before.get(k) is not None or after.get(k) is not None]
+    keys = [k for k in _rows(after) if before.get(k) is not None or after.get(k) is not None]
     xs = range(len(keys))
-    fig, ax = plt.subplots(figsize=(8, 3.6))
+    fig, ax = plt.subplots(figsize=(max(8, 0.8 * len(keys)), 4.2))
     ax.bar([x - 0.2 for x in xs], [before.get(k) or 0 for k in keys], 0.4, label="before")
     ax.bar([x + 0.2 for x in xs], [after.get(k) or 0 for k in keys], 0.4, label="after")
-    ax.set_xticks(list(xs), [LABELS[k] for k in keys], rotation=20)
+    ax.set_xticks(list(xs), [_label(k) for k in keys], rotation=30, ha="right")
     ax.set_ylim(0, 1.05)
     ax.set_title(f"LEMoE on the fact-world testbed, {n} lifelong edits")
     ax.legend(loc="lower right")

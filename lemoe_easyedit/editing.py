@@ -34,7 +34,8 @@ from . import compat
 from .injection import find_adaptor, inject_adaptor, remove_adaptor
 from .layer import LEMoELayer
 from .ordering import EditOrderPlanner
-from .training import encode_edits, prompt_queries, train_slot
+from .training import (encode_edits, negative_pool, prompt_queries, stored_sample,
+                       subject_ids_of, train_slot)
 
 Restore = Union[Dict[str, torch.Tensor], Callable[[], None]]
 
@@ -134,8 +135,12 @@ def _edit_online(model, layer: LEMoELayer, tok, request: Dict, hp) -> None:
     slot.edits = [e for e in slot.edits if e["prompt"] != request["prompt"]]
     slot.edits.append(_record(layer, request))
     index = len(layer.slots) - 1
+    subjects: Dict[str, int] = {}
+    negatives = negative_pool(model, layer, tok, slot.edits + stored_sample(layer, hp),
+                              subjects, hp, _device(layer))
     stats = train_slot(model, layer, index, encode_edits(tok, slot.edits, hp.max_length), tok,
-                       hp, progress=False)
+                       hp, progress=False, negatives=negatives,
+                       edit_subjects=subject_ids_of(slot.edits, subjects))
     if len(slot.edits) >= hp.edits_per_expert:
         slot.freeze()
     _log(layer, {"mode": "online", "slot": index, **stats})
@@ -144,9 +149,11 @@ def _edit_online(model, layer: LEMoELayer, tok, request: Dict, hp) -> None:
 def _edit_batches(model, layer: LEMoELayer, tok, requests: List[Dict], hp) -> None:
     requests = _last_wins(requests)
     encoded = encode_edits(tok, requests, hp.max_length)  # validates before any change
-    device = layer.slots[0].routing.key.device if len(layer.slots) else \
-        layer.queries.embed.weight.device
+    device = _device(layer)
     queries = prompt_queries(model, layer, tok, requests, hp.max_length, device)
+    subjects: Dict[str, int] = {}
+    negatives = negative_pool(model, layer, tok, requests + stored_sample(layer, hp),
+                              subjects, hp, device)
     planner = EditOrderPlanner(hp.edits_per_expert, hp.seed, enabled=hp.order_planning)
     planner.fit(queries.cpu().numpy())
     _check_capacity(layer, len(planner.batches_), hp)
@@ -157,11 +164,18 @@ def _edit_batches(model, layer: LEMoELayer, tok, requests: List[Dict], hp) -> No
         slot = layer.new_slot(seed=hp.seed + len(layer.slots))
         slot.edits = [_record(layer, requests[i]) for i in batch]
         index = len(layer.slots) - 1
-        stats = train_slot(model, layer, index, [encoded[i] for i in batch], tok, hp)
+        stats = train_slot(model, layer, index, [encoded[i] for i in batch], tok, hp,
+                           negatives=negatives,
+                           edit_subjects=subject_ids_of([requests[i] for i in batch], subjects))
         slot.freeze()
         _log(layer, {"mode": "batch", "slot": index, "batch": batch, **stats})
     layer.plans = getattr(layer, "plans", []) + [
         {"order": planner.order_, "batches": planner.batches_}]
+
+
+def _device(layer: LEMoELayer) -> torch.device:
+    return layer.slots[0].routing.key.device if len(layer.slots) else \
+        layer.queries.embed.weight.device
 
 
 def _last_wins(requests: List[Dict]) -> List[Dict]:
@@ -197,8 +211,7 @@ def _restore(layer: LEMoELayer, snap: Dict) -> None:
     if snap["open"] is not None:
         state, edits = snap["open"]
         slot = layer.slots[snap["n_slots"] - 1]
-        slot.anchors = state["anchors"].clone()
-        slot.load_state_dict(state)
+        slot.load_slot_state(state)
         slot.edits = edits
         slot.unfreeze()
 
@@ -246,8 +259,7 @@ def _undo_call(model: nn.Module, layer: LEMoELayer, state: Dict) -> None:
             slot.unfreeze()
     if state["open"] is not None:
         slot = layer.slots[-1]
-        slot.anchors = state["open"]["anchors"].clone()
-        slot.load_state_dict(state["open"])
+        slot.load_slot_state(state["open"])
         for p in slot.parameters():
             p.grad = None
     for k in _CALL_ATTRS:

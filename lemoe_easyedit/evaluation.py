@@ -519,6 +519,7 @@ class _Scorer:
                 pre = self.pre_loc[i].get(k) if i < len(self.pre_loc) else None
                 if post is not None and pre is not None:
                     locs.append(_agreement(post, pre))
+                    m[f"loc:{k}"] = locs[-1]
             m["loc"] = _mean(locs)
             if self.greedy and self.eval_metric != "ppl":
                 greedy_jobs.append((pos, "rel_em", r["prompt"], r["target_new"]))
@@ -543,6 +544,7 @@ class _Scorer:
                 pre = self.pre_loc_gen[m["index"]].get(probe)
                 if pre is not None:
                     loc_em.setdefault(pos, []).append(float(list(pre) == list(got)))
+                    m[f"loc_em:{probe}"] = loc_em[pos][-1]
             else:
                 m[key] = float(len(want) > 0 and list(got) == list(want))
         for m_pos, m in enumerate(out):
@@ -554,8 +556,30 @@ class _Scorer:
             m["loc_em"] = _mean(loc_em.get(m_pos, []))
 
 
+def locality_kinds(per_edit: Sequence[dict]) -> List[str]:
+    """The locality probe kinds scored in ``per_edit`` (``loc:<kind>`` keys), in order of
+    first appearance."""
+    kinds: Dict[str, None] = {}
+    for m in per_edit:
+        for key in m:
+            if key.startswith("loc:"):
+                kinds.setdefault(key[4:])
+    return list(kinds)
+
+
 def _summary(per_edit: Sequence[dict], keys: Sequence[str]) -> Dict[str, Optional[float]]:
+    """Means over edits; with several locality kinds, ``loc:<kind>`` / ``loc_em:<kind>`` per
+    kind and ``loc`` / ``loc_em`` the mean over kinds (a kind that only some edits have,
+    such as the same-subject neighbour of a long stream, weighs as much as the others)."""
     s = {k: _mean(m.get(k) for m in per_edit) for k in keys}
+    kinds = locality_kinds(per_edit)
+    for prefix in ("loc", "loc_em"):
+        for kind in kinds:
+            s[f"{prefix}:{kind}"] = _mean(m.get(f"{prefix}:{kind}") for m in per_edit)
+        per_kind = [s[f"{prefix}:{kind}"] for kind in kinds
+                    if s.get(f"{prefix}:{kind}") is not None]
+        if len(kinds) > 1 and prefix in keys and per_kind:
+            s[prefix] = float(np.mean(per_kind))
     main = [s[k] for k in ("rel", "gen", "loc") if s.get(k) is not None]
     if "rel" in keys:
         s["avg"] = float(np.mean(main)) if main else None
@@ -564,7 +588,9 @@ def _summary(per_edit: Sequence[dict], keys: Sequence[str]) -> Dict[str, Optiona
 
 
 def _average_summaries(summaries: Sequence[dict], keys: Sequence[str]) -> dict:
-    out = {k: _mean(s.get(k) for s in summaries) for k in list(keys) + ["avg"]
+    extra = [k for s in summaries for k in s if k.startswith(("loc:", "loc_em:"))]
+    names = list(dict.fromkeys(list(keys) + ["avg"] + extra))
+    out = {k: _mean(s.get(k) for s in summaries) for k in names
            if any(k in s for s in summaries)}
     out["n"] = int(sum(s.get("n", 0) for s in summaries))
     return out
@@ -847,8 +873,11 @@ def _fmt(v, digits: int = 3) -> str:
 def summary_table(results: Sequence[dict]) -> str:
     """A markdown table of several results dicts (one row per method)."""
     ppl = any(r.get("protocol", {}).get("eval_metric") == "ppl" for r in results)
-    cols = (["rel_ppl", "gen_ppl", "loc"] if ppl else
-            ["rel", "gen", "loc", "avg", "rel_em", "gen_em", "loc_em"])
+    kinds = list(dict.fromkeys(k for r in results for k in r.get("summary", {})
+                               if k.startswith("loc:")))
+    cols = (["rel_ppl", "gen_ppl", "loc"] + kinds if ppl else
+            ["rel", "gen", "loc"] + kinds + ["avg", "rel_em", "gen_em", "loc_em"]
+            + ["loc_em:" + k[4:] for k in kinds])
     head = ["method"] + cols + ["T", "chunks", "edit s", "eval s", "implementation"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:

@@ -65,6 +65,12 @@ class LEMoEHyperParams(HyperParams):
     route_steps: int = 200
     locality_guard: bool = True
     guard_threshold: float = 0.7
+    #: Subject swaps per edit to fit each anchor's acceptance radius from (``locality``):
+    #: with the guard on, a query reaches an expert only inside its nearest anchor's radius.
+    #: 0: no radii, the global ``guard_threshold`` alone decides.
+    negatives_per_edit: int = 4
+    #: Where an anchor's radius lies between its nearest negative (0) and itself (1).
+    radius_margin: float = 0.25
 
     # Batches, order and training.
     edits_per_expert: int = 200
@@ -104,8 +110,9 @@ class LEMoEHyperParams(HyperParams):
                      "train_batch_size"):
             value = getattr(self, name)
             _check(_is_int(value) and value >= 1, name, value, "must be an integer >= 1")
-        _check(_is_int(self.route_steps) and self.route_steps >= 0, "route_steps",
-               self.route_steps, "must be an integer >= 0")
+        for name in ("route_steps", "negatives_per_edit"):
+            value = getattr(self, name)
+            _check(_is_int(value) and value >= 0, name, value, "must be an integer >= 0")
         _check(self.max_experts is None or (_is_int(self.max_experts) and self.max_experts >= 1),
                "max_experts", self.max_experts, "must be null or an integer >= 1")
         for name in ("lr", "route_lr"):
@@ -115,6 +122,8 @@ class LEMoEHyperParams(HyperParams):
             value = getattr(self, name)
             _check(_is_num(value) and value >= 0, name, value, "must be a number >= 0")
         _check(_is_num(self.expert_scale), "expert_scale", self.expert_scale, "must be a number")
+        _check(_is_num(self.radius_margin) and 0.0 <= self.radius_margin < 1.0,
+               "radius_margin", self.radius_margin, "must be a number in [0, 1)")
         _check(_is_num(self.guard_threshold) and -1.0 <= self.guard_threshold <= 1.0,
                "guard_threshold", self.guard_threshold, "must be a cosine in [-1, 1]")
         for name in ("model_parallel", "locality_guard", "order_planning",
@@ -148,7 +157,8 @@ class LEMoEHyperParams(HyperParams):
                              f"known keys: {', '.join(sorted(known))}")
         if "model_name" not in config:
             raise ValueError(f"{source}: missing required key 'model_name'")
-        for key in ("lr", "route_lr", "weight_decay", "loss_threshold", "guard_threshold"):
+        for key in ("lr", "route_lr", "weight_decay", "loss_threshold", "guard_threshold",
+                    "radius_margin"):
             # YAML reads "2e-4" as a string; EasyEdit converts scientific notation the same way.
             if isinstance(config.get(key), str):
                 try:

@@ -58,6 +58,9 @@ class ExpertSlot(nn.Module):
         self.enabled = nn.Parameter(torch.ones((), device=projection.key.device),
                                     requires_grad=False)
         self.register_buffer("anchors", torch.zeros(0, hidden, device=projection.key.device))
+        #: Acceptance radius (a cosine) of each anchor, fitted from negatives
+        #: (:mod:`~.locality`); empty or ``-1`` entries: only the global guard applies.
+        self.register_buffer("radius", torch.zeros(0, device=projection.key.device))
         self.frozen = False
         self.edits: List[Dict[str, Any]] = []
 
@@ -69,6 +72,14 @@ class ExpertSlot(nn.Module):
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         super()._load_from_state_dict(*args, **kwargs)
         note_slot_change()
+
+    def load_slot_state(self, state: Dict[str, torch.Tensor]) -> None:
+        """Load a state dict of this slot taken earlier, whose ``anchors`` and ``radius``
+        may differ in length from the current ones (a plain ``load_state_dict`` refuses
+        that)."""
+        self.anchors = state["anchors"].clone()
+        self.radius = state.get("radius", torch.zeros(0)).clone().to(self.anchors.device)
+        self.load_state_dict({**state, "radius": self.radius}, strict="radius" in state)
 
     @property
     def is_enabled(self) -> bool:
@@ -250,7 +261,12 @@ class LEMoELayer(nn.Module):
         if hp.locality_guard:
             # Compared as float32, as select_routes compares the tensor with the number.
             threshold = _float32(hp.guard_threshold)
-            keep = [k and b >= threshold for k, b in zip(keep, best.tolist())]
+            if table.has_radius:
+                radius = table.radius_list
+                keep = [k and b >= threshold and b >= radius[c]
+                        for k, b, c in zip(keep, best.tolist(), columns)]
+            else:
+                keep = [k and b >= threshold for k, b in zip(keep, best.tolist())]
         owner = table.owner_list
         groups: Dict[int, List[int]] = {}
         for p, (k, c) in enumerate(zip(keep, columns)):

@@ -51,7 +51,8 @@ from .injection import find_adaptor
 from .layer import LEMoELayer
 from .model_families import family_of, get_submodule, mlp_path, num_layers, proj_weight
 from .routing import QueryBuilder
-from .training import encode_edits, train_slot
+from .training import (encode_edits, negative_pool, stored_sample, subject_ids_of,
+                       train_slot)
 
 FORMAT = "lemoe-edits"
 FORMAT_VERSION = 1
@@ -598,6 +599,8 @@ def _build_layer(model: nn.Module, host: nn.Module, path: str, hp, m: Dict[str, 
         slot = layer.new_slot(seed=0)  # forked RNG: no effect on the caller's random state
         own = slot.state_dict()
         names = set(info["tensors"])
+        if "radius" not in names:  # saved before anchors had radii: the guard alone decides
+            own.pop("radius")
         if names != set(own):
             lack, extra = sorted(set(own) - names), sorted(names - set(own))
             raise EditsFileError(
@@ -612,6 +615,14 @@ def _build_layer(model: nn.Module, host: nn.Module, path: str, hp, m: Dict[str, 
                                              f"{t.dtype}{list(t.shape)}, expected "
                                              f"{target.dtype}[n, {hidden}]")
                     slot.anchors = t.to(target.device)
+                    continue
+                if name == "radius":
+                    n = len(tensors[f"slots.{i}.anchors"])
+                    if t.dim() != 1 or len(t) not in (0, n) or t.dtype != target.dtype:
+                        raise EditsFileError(f"{where}: slot {i} radius is "
+                                             f"{t.dtype}{list(t.shape)}, expected "
+                                             f"{target.dtype}[{n}] (one per anchor)")
+                    slot.radius = t.to(target.device)
                     continue
                 if t.shape != target.shape or t.dtype != target.dtype:
                     raise EditsFileError(f"{where}: slot {i} tensor {name!r} is "
@@ -765,7 +776,11 @@ def remove_edit(model: nn.Module, tok, key: Union[int, str], hparams=None
             layer.slots[i] = fresh
             replaced.append((i, old))
             fresh.edits = [dict(e) for e in keep]
-            train_slot(model, layer, i, encoded, tok, hp, progress=False)
+            subjects: Dict[str, int] = {}
+            negatives = negative_pool(model, layer, tok, keep + stored_sample(layer, hp),
+                                      subjects, hp, fresh.routing.key.device)
+            train_slot(model, layer, i, encoded, tok, hp, progress=False, negatives=negatives,
+                       edit_subjects=subject_ids_of(keep, subjects))
             if old.frozen:
                 fresh.freeze()
             else:

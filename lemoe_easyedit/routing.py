@@ -156,6 +156,11 @@ class RoutingTable:
                     [anchors[i].detach().to(device).float() for i in live]
                     + [torch.zeros(0, anchors[0].shape[1], device=device)]).t().contiguous()
                 self.n_anchors = self.anchors_t.shape[1]
+                # Each column's acceptance radius (-1: none fitted, the guard alone decides).
+                self.radius = torch.cat([_radius_of(slots[i], device) for i in live]
+                                        + [torch.zeros(0, device=device)])
+                self.radius_list = self.radius.tolist()
+                self.has_radius = bool(self.n_anchors) and bool((self.radius > -1.0).any())
                 self.owner_list = [i for i in live for _ in range(len(anchors[i]))]
                 self.owner = torch.tensor(self.owner_list, dtype=torch.long, device=device)
                 self.dead = ~self.enabled.to(device)
@@ -172,6 +177,7 @@ class RoutingTable:
                 self.all_live_anchored = bool((counts[self.enabled.to(device)] > 0).all())
             else:
                 self.all_live_anchored = True
+                self.has_radius = False
 
     def expert(self, index: int) -> Tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor]:
         """Expert ``index`` on rows as ``(hidden, w_out)``, ``expert(x) = hidden(x) @ w_out``
@@ -274,6 +280,15 @@ class RoutingTable:
         return near
 
 
+def _radius_of(slot, device) -> torch.Tensor:
+    """The slot's per-anchor radii, or ``-1`` for each anchor when it has none fitted."""
+    radius = slot._buffers.get("radius")
+    n = len(slot._buffers["anchors"])
+    if radius is None or radius.shape != (n,):
+        return torch.full((n,), -1.0, device=device)
+    return radius.detach().to(device).float()
+
+
 def share_flags(slots, store: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Make the ``enabled`` flags of ``slots`` views of one tensor and return that tensor.
 
@@ -332,6 +347,8 @@ def select_routes(query: torch.Tensor, valid: Optional[torch.Tensor], table: Rou
         drop = None if valid is None else ~valid.reshape(-1, 1)
         if guard:
             far = best_sim < threshold
+            if table.has_radius:
+                far = far | (best_sim < table.radius[best])
             drop = far if drop is None else drop | far
         if drop is not None:
             idx = idx.masked_fill(drop, -1)
@@ -352,8 +369,7 @@ def select_routes(query: torch.Tensor, valid: Optional[torch.Tensor], table: Rou
     if k == 1:  # the common case, in as few operations as possible (it runs every forward)
         idx = scores.argmax(1, keepdim=True)
         if guard:
-            chosen = near.gather(1, idx) if near is not None else table.nearest_of(flat, idx)
-            far = chosen < threshold
+            far = _outside(table, flat, idx, near, threshold)
             drop = far if drop is None else drop | far
         if drop is not None:
             idx = idx.masked_fill(drop, -1)
@@ -363,7 +379,7 @@ def select_routes(query: torch.Tensor, valid: Optional[torch.Tensor], table: Rou
     top_scores, idx = scores.topk(k, dim=1)
     gate = torch.softmax(top_scores, dim=1)
     if guard:
-        far = near.gather(1, idx) < threshold
+        far = _outside(table, flat, idx, near, threshold)
         drop = far if drop is None else drop | far
     if drop is not None:
         idx = idx.masked_fill(drop, -1)
@@ -372,6 +388,22 @@ def select_routes(query: torch.Tensor, valid: Optional[torch.Tensor], table: Rou
         idx = F.pad(idx, (0, top_k - k), value=-1)
         gate = F.pad(gate, (0, top_k - k), value=0.0)
     return Routes(idx.reshape(B, T, top_k), gate.reshape(B, T, top_k))
+
+
+def _outside(table: RoutingTable, flat: torch.Tensor, idx: torch.Tensor,
+             near: Optional[torch.Tensor], threshold: float) -> torch.Tensor:
+    """``[P, k]``: whether each query is outside the guard of chosen expert ``idx[p, j]``:
+    its cosine to that expert's nearest anchor is below ``threshold`` or below that
+    anchor's radius."""
+    if not table.has_radius:
+        chosen = near.gather(1, idx) if near is not None else table.nearest_of(flat, idx)
+        return chosen < threshold
+    sims = table.similarities(flat)
+    far = []
+    for j in range(idx.shape[1]):
+        best, column = torch.where(table.owner == idx[:, j:j + 1], sims, -2.0).max(1)
+        far.append((best < threshold) | (best < table.radius[column]))
+    return torch.stack(far, 1)
 
 
 #: ``query_pool`` whose queries are the adapted FFN's own input, not the embedding outputs.

@@ -439,6 +439,11 @@ def plot_curves(results: Sequence[dict], path: os.PathLike, title: str = "") -> 
     panels = ([("rel_ppl", None, "Rel PPL (lower is better)"),
                ("loc", None, "Loc")] if ppl else
               [("rel", "rel_em", "Rel"), ("gen", "gen_em", "Gen"), ("loc", "loc_em", "Loc")])
+    kinds = list(dict.fromkeys(k[4:] for r in results for p in r.get("checkpoints") or []
+                               for k in p if k.startswith("loc:")))
+    if len(kinds) > 1:  # Loc is then the mean over kinds; each kind gets its own panel
+        panels[-1] = ("loc", "loc_em", "Loc (mean over kinds)")
+        panels += [(f"loc:{k}", f"loc_em:{k}", f"Loc, {k.replace('_', ' ')}") for k in kinds]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (key, em_key, label) in zip(axes[0], panels):

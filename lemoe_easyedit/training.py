@@ -15,6 +15,7 @@ forward. Both give the same losses and the same expert, up to float rounding.
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -25,6 +26,7 @@ from tqdm.auto import tqdm
 
 from .activation_cache import UpperStack
 from .layer import LEMoELayer
+from .locality import NO_RADIUS, NegativePool, fit_radii, subject_ids, subject_swaps
 from .routing import LAYER_INPUT_POOL, Routes
 
 
@@ -133,10 +135,69 @@ def prompt_queries(model: nn.Module, layer: LEMoELayer, tok, requests: Sequence[
     return q[torch.arange(len(edits), device=q.device), last]
 
 
+def anchor_queries(model: nn.Module, layer: LEMoELayer, edits: Sequence[EncodedEdit], tok,
+                   device, chunk: int = 256):
+    """``(queries [N, H], edit index [N])`` at every anchor position of ``edits``: the
+    positions that predict a target token, in the order :func:`train_slot` stores anchors.
+    Computed ``chunk`` edits at a time."""
+    queries, owners = [], []
+    for start in range(0, len(edits), chunk):
+        batch = collate(edits[start:start + chunk], _pad_id(tok), device)
+        queries.append(edit_queries(model, layer, batch)[batch.anchor_mask].detach())
+        owners.append(batch.anchor_mask.nonzero()[:, 0] + start)
+    if not queries:
+        return torch.zeros(0, layer.hidden, device=device), torch.zeros(0, dtype=torch.long)
+    return torch.cat(queries), torch.cat(owners).cpu()
+
+
+def negative_pool(model: nn.Module, layer: LEMoELayer, tok, requests: Sequence[Dict],
+                  subjects: Dict[str, int], hp, device) -> NegativePool:
+    """The negatives of one edit call (:mod:`.locality`): ``hp.negatives_per_edit``
+    subject swaps of each of ``requests`` and the anchors of the requests themselves, each
+    labelled with the id (in ``subjects``, extended as needed) of the subject it is about."""
+    if hp.negatives_per_edit <= 0 or not requests:
+        return NegativePool.empty(layer.hidden, device)
+    stream_subjects = [r["subject"] for r in requests if isinstance(r.get("subject"), str)]
+    swaps = subject_swaps(requests, stream_subjects, hp.negatives_per_edit, hp.seed)
+    sources = list(requests) + swaps
+    encoded = encode_edits(tok, sources, hp.max_length)
+    queries, owner = anchor_queries(model, layer, encoded, tok, device)
+    ids = torch.tensor(subject_ids([r.get("subject") for r in sources], subjects),
+                       dtype=torch.long)
+    return NegativePool(queries, ids[owner].to(queries.device))
+
+
+#: At most this many edits already held by frozen experts join a call's negatives.
+STORED_NEGATIVES = 256
+
+
+def stored_sample(layer: LEMoELayer, hp) -> List[Dict]:
+    """Edits of the frozen experts that join an edit call's negatives (:mod:`.locality`): at
+    most :data:`STORED_NEGATIVES`, drawn with the hparams' seed, so that an edit arriving
+    in a later call is still fitted against the subjects that came before it."""
+    stored = [e for s in layer.slots if s.frozen for e in s.edits]
+    if len(stored) <= STORED_NEGATIVES:
+        return stored
+    return random.Random(hp.seed + len(stored)).sample(stored, STORED_NEGATIVES)
+
+
+def subject_ids_of(requests: Sequence[Dict], subjects: Dict[str, int]) -> List[int]:
+    """The id in ``subjects`` of each request's subject (``-1``: none, or not in the pool)."""
+    return [subjects.get(r["subject"], -1) if isinstance(r.get("subject"), str) else -1
+            for r in requests]
+
+
 def train_slot(model: nn.Module, layer: LEMoELayer, slot_index: int,
                edits: Sequence[EncodedEdit], tok, hp, progress: bool = True,
-               trace: Optional[List[float]] = None) -> Dict:
+               trace: Optional[List[float]] = None,
+               negatives: Optional[NegativePool] = None,
+               edit_subjects: Optional[Sequence[int]] = None) -> Dict:
     """Fit slot ``slot_index`` to ``edits``; returns training statistics.
+
+    ``negatives`` (with ``edit_subjects``, the subject id of each edit, ``-1`` unknown):
+    the anchors' acceptance radii are fitted against them (:func:`~.locality.fit_radii`)
+    before the expert trains, so that training routes as serving will. Without them the
+    slot has no radii and only the global guard applies.
 
     On a non-finite loss the slot is put back as it was before this call and FloatingPointError
     is raised, so a diverging run never leaves a half-trained expert behind. ``trace``, if
@@ -149,6 +210,13 @@ def train_slot(model: nn.Module, layer: LEMoELayer, slot_index: int,
     full = collate(edits, _pad_id(tok), device)
     anchors = edit_queries(model, layer, full)[full.anchor_mask]
     slot.anchors = anchors.detach().clone()
+    if negatives is not None and len(negatives):
+        subjects = torch.tensor(list(edit_subjects) if edit_subjects is not None
+                                else [-1] * len(edits), dtype=torch.long)
+        owner = full.anchor_mask.nonzero()[:, 0].cpu()
+        slot.radius = fit_radii(slot.anchors, subjects[owner], negatives, hp.radius_margin)
+    else:
+        slot.radius = torch.full((len(slot.anchors),), NO_RADIUS, device=device)
     slot.unfreeze()
     # (Module.train/eval visit every module, the experts' included: a model already in eval
     # mode is left as it is, so this costs nothing per call however many experts there are.)
@@ -161,8 +229,7 @@ def train_slot(model: nn.Module, layer: LEMoELayer, slot_index: int,
             stats.update(_fit_router(layer, slot_index, hp))
         stats.update(_fit_expert(model, layer, slot_index, edits, tok, hp, progress, trace))
     except FloatingPointError:
-        slot.anchors = snapshot["anchors"]  # may differ in shape from the new anchors
-        slot.load_state_dict(snapshot)
+        slot.load_slot_state(snapshot)
         raise
     finally:
         if was_training:

@@ -267,3 +267,66 @@ def _tok(hp):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(hp.model_name)
+
+
+# ----------------------------------------------------------------------- conflicts served
+
+
+def test_same_key_with_a_new_label_is_replaced_in_place():
+    a = adapter(eps=1.0)
+    a.update_codebook(vec(1, 2, 0, 0), [5], torch.zeros(3), edit_id=0)
+    info = a.update_codebook(vec(1, 2, 0, 0), [6], torch.ones(3), edit_id=1)
+    assert info["action"] == "replace" and info["key"] == 0 and a.num_keys == 1
+    assert a.key_labels == [(6,)] and a.key_edits == [[1]]
+    assert a.epsilons.tolist() == [1.0] and a.values[0].tolist() == [1.0, 1.0, 1.0]
+
+
+def test_radii_must_be_positive():
+    a = adapter(eps=1.0)
+    with pytest.raises(ValueError, match="radius must be positive"):
+        a._add(vec(0, 0, 0, 0).reshape(1, -1), torch.zeros(1, 3), 0.0, (5,), 0, "add")
+    assert a.num_keys == 0
+
+
+def test_re_edit_and_split_are_served_on_a_real_model(tiny_models):
+    """The same prompt edited again with a new target is served the new target; two close
+    prompts with different targets (the split path) are both served, without forcing."""
+    model, tok = load(tiny_models("llama"))
+    reqs = fact_requests(2)
+    hp = hparams_for(tiny_models("llama"), eps=1e3)  # every prompt inside every radius
+    apply_grace_to_model(model, tok, [reqs[0]], hp)
+    again = dict(reqs[0], target_new=next(c for c in ("Oslo", "Lima", "Cairo")
+                                          if c != reqs[0]["target_new"]))
+    apply_grace_to_model(model, tok, [again], hp)
+    g = find_grace(model)
+    assert g.num_keys == 1 and g.history[-1]["action"] == "replace"
+    assert teacher_forced_match(model, tok, again["prompt"], again["target_new"])[0]
+    other = dict(reqs[1], target_new="Tokyo")
+    apply_grace_to_model(model, tok, [other], hp)
+    assert g.num_keys == 2 and g.history[-1]["action"] == "split"
+    assert bool((g.epsilons > 0).all())
+    for r in (again, other):
+        assert teacher_forced_match(model, tok, r["prompt"], r["target_new"])[0], r
+
+
+def test_an_edit_its_prompt_cannot_reach_fails_and_is_undone(tiny_models, monkeypatch):
+    model, tok = load(tiny_models("llama"))
+    reqs = fact_requests(2)
+    hp = hparams_for(tiny_models("llama"), eps=1e-3)
+    apply_grace_to_model(model, tok, [reqs[0]], hp)
+    g = find_grace(model)
+    before = g.snapshot()
+    real = GraceAdapter.update_codebook
+
+    def moved_away(self, query, label, init_value, edit_id):
+        info = real(self, query, label, init_value, edit_id)
+        with torch.no_grad():
+            self.keys[info["key"]] += 10.0   # training still forces the key token
+        return info
+
+    monkeypatch.setattr(GraceAdapter, "update_codebook", moved_away)
+    with pytest.raises(RuntimeError, match="does not reach its own key"):
+        apply_grace_to_model(model, tok, [reqs[1]], hp)
+    assert g.num_keys == 1 and torch.equal(g.keys, before["keys"])
+    assert torch.equal(g.values, before["values"])
+    assert teacher_forced_match(model, tok, reqs[0]["prompt"], reqs[0]["target_new"])[0]

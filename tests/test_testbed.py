@@ -272,12 +272,19 @@ def test_edit_set_fields_and_templates():
                                 "subject", "locality", "portability"}
             assert req["portability"] == {}
             assert req["prompt"] == c.prompt and req["target_new"] == c.target_new
-            assert req["locality"]["neighborhood"] == {"prompt": c.locality_prompt,
-                                                       "ground_truth": c.locality_ground_truth}
+            assert req["locality"]["landmark"] == {"prompt": c.locality_prompt,
+                                                   "ground_truth": c.locality_ground_truth}
+            assert req["locality"]["same_relation"] == {
+                "prompt": c.same_relation_prompt, "ground_truth": c.same_relation_ground_truth}
+            if c.same_subject_prompt is not None:
+                assert req["locality"]["same_subject"] == {
+                    "prompt": c.same_subject_prompt,
+                    "ground_truth": c.same_subject_ground_truth}
     kw = editor_inputs(cf)
     assert all(len(kw[k]) == 20 for k in ("prompts", "target_new", "ground_truth",
                                           "rephrase_prompts", "subject"))
-    assert len(kw["locality_inputs"]["neighborhood"]["prompt"]) == 20
+    assert len(kw["locality_inputs"]["landmark"]["prompt"]) == 20
+    assert len(kw["locality_inputs"]["same_relation"]["prompt"]) == 20
 
 
 def test_edit_set_against_the_shipped_model(shipped):

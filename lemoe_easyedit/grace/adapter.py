@@ -46,6 +46,9 @@ import torch.nn as nn
 EARLY_STOP_LOSS = 0.01
 #: Relative (and absolute) margin by which an expanded radius covers the new query.
 COVER_MARGIN = 1e-4
+#: A query this close to a key (relative to the key's norm) is that key: float rounding of
+#: the same prompt run in another batch.
+SAME_KEY = 1e-5
 
 
 class GraceAdapter(nn.Module):
@@ -126,10 +129,19 @@ class GraceAdapter(nn.Module):
             return self._add(query, init_value, self.eps_init, label, edit_id, "add",
                              nearest=dist)
         if self.key_labels[j] != label:
+            if dist <= SAME_KEY * (1.0 + float(self.keys[j].norm())):
+                # The same key (the same prompt edited again) with a new label: splitting
+                # would leave both radii at zero and no query would ever hit either key.
+                # The later edit replaces the earlier one in place.
+                with torch.no_grad():
+                    self.values[j] = init_value[0].to(self.values.device)
+                self.key_labels[j] = label
+                self.key_edits[j] = [edit_id]
+                return {"key": j, "action": "replace", "nearest": dist}
             # Conflict: a new key, and neither radius may reach past the midpoint.
-            half = dist / 2.0
+            half = dist / 2.0 * (1.0 - COVER_MARGIN)
             with torch.no_grad():
-                self.epsilons[j] = min(eps_j, half - 1e-5)
+                self.epsilons[j] = min(eps_j, half)
             return self._add(query, init_value, min(self.eps_init, half), label, edit_id,
                              "split", nearest=dist, other=j)
         action = "reuse"
@@ -145,6 +157,9 @@ class GraceAdapter(nn.Module):
         return {"key": j, "action": action, "nearest": dist}
 
     def _add(self, query, value, eps, label, edit_id, action, **info) -> Dict[str, object]:
+        if not eps > 0:
+            raise ValueError(f"GRACE: a key's deferral radius must be positive, got {eps} "
+                             f"({action} of edit {edit_id})")
         dev = self.layer.weight.device
         keys = torch.cat([self.keys.reshape(-1, query.shape[1]), query.to(dev)])
         values = torch.cat([self.values.reshape(-1, value.shape[1]), value.to(dev)])

@@ -142,6 +142,17 @@ def edit_one(model: nn.Module, tok, adapter: GraceAdapter, request: Dict,
             model.train()
     with torch.no_grad():
         adapter.values[j] = vec.detach().to(adapter.values.dtype)
+        # Training forced the key token onto key j; serving does not. An edit whose prompt
+        # does not reach its own key unforced would be reported done and never served.
+        model(input_ids=input_ids[:, :plen])
+    hits = adapter.last_hits
+    dist, nearest = adapter.nearest(captured["x"].reshape(1, -1))
+    if hits is None or not bool(hits[0, key_pos]) or int(nearest[0]) != j:
+        raise RuntimeError(
+            f"GRACE: edit {edit_id} ({request['prompt']!r} -> {request['target_new']!r}) "
+            f"does not reach its own key {j} without forcing (nearest key "
+            f"{int(nearest[0])} at distance {float(dist[0]):.4g}, radius "
+            f"{float(adapter.epsilons[j]):.4g}); the call was undone")
     info.update(steps=len(losses), loss=losses[-1] if losses else None, keys=adapter.num_keys)
     return info
 
@@ -170,11 +181,17 @@ def apply_grace_to_model(model: nn.Module, tok, requests: Sequence[Dict],
     adapter = inject_grace(model, hparams)
     adapter.prune_inactive()
     before = adapter.snapshot()
-    log = getattr(adapter, "history", [])
-    for r in requests:
-        edit_id = getattr(adapter, "edit_counter", 0)
-        adapter.edit_counter = edit_id + 1
-        log.append(edit_one(model, tok, adapter, r, hparams, edit_id))
+    log = list(getattr(adapter, "history", []))
+    counter = getattr(adapter, "edit_counter", 0)
+    try:
+        for r in requests:
+            edit_id = getattr(adapter, "edit_counter", 0)
+            adapter.edit_counter = edit_id + 1
+            log.append(edit_one(model, tok, adapter, r, hparams, edit_id))
+    except BaseException:
+        adapter.load_snapshot(before)
+        adapter.edit_counter = counter
+        raise
     adapter.history = log
     if compat.uses_callable_restore():
         return model, lambda: adapter.load_snapshot(before)

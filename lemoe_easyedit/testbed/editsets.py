@@ -8,8 +8,17 @@ model's own prediction before editing (so an unedited model scores 0 exact match
 * the paraphrase (``rephrase_prompt``) uses a held-back template,
   :data:`~.world.REPHRASE_TEMPLATES` (4-5), never the edit prompt's one. All templates were
   seen in pretraining; "held back" only means the editor never sees that wording;
-* the locality prompt is a landmark fact (no person, no person relation) that the model
-  answers correctly before editing.
+* three locality probes, each a fact the unedited model completes exactly:
+
+  - ``landmark``: a landmark fact (no person, no person relation): the easy, unrelated case;
+  - ``same_relation``: the edit prompt's relation in the edit prompt's template, asked about
+    another person whose fact in that relation is edited nowhere in the set (CounterFact's
+    neighbourhood prompt);
+  - ``same_subject``: the edited person asked about another relation that is edited nowhere
+    in the set for that person (absent when every fact of the person is edited).
+
+  The two neighbour kinds are what a routing-based editor can leak into: the same wording
+  about someone else, the same person in other words.
 
 At most one edit per (subject, relation); everything is drawn from ``random.Random(seed)``
 (model predictions only filter candidates), so the same world, model and seed give the same
@@ -32,6 +41,7 @@ __all__ = [
     "make_edit_set",
     "to_requests",
     "editor_inputs",
+    "LOCALITY_KINDS",
 ]
 
 
@@ -52,6 +62,10 @@ class EditCase:
     locality_ground_truth: str
     locality_subject: str
     locality_relation: str
+    same_relation_prompt: Optional[str] = None
+    same_relation_ground_truth: Optional[str] = None
+    same_subject_prompt: Optional[str] = None
+    same_subject_ground_truth: Optional[str] = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -139,7 +153,70 @@ def make_edit_cases(world: World, n: int, seed: int = 0, model=None, tokenizer=N
             target_new=target, prompt=prompt, prompt_template=pt, rephrase_prompt=rephrase,
             rephrase_template=rt, locality_prompt=lp, locality_ground_truth=lf.object,
             locality_subject=lf.subject, locality_relation=lf.relation))
-    return cases
+    return _with_neighbours(world, cases, seed, model, tokenizer, edit_templates, batch_size)
+
+
+def _with_neighbours(world: World, cases: List[EditCase], seed: int, model, tokenizer,
+                     edit_templates: Sequence[int], batch_size: int) -> List[EditCase]:
+    """``cases`` with their ``same_relation`` and ``same_subject`` probes drawn.
+
+    A probe is never an edited (subject, relation) of the set. Candidates come in an order
+    drawn from their own seeded RNG (the edits themselves stay what they were before probes
+    existed); with a model, a candidate the model does not complete exactly is passed over.
+    """
+    from dataclasses import replace
+
+    edited = {(c.subject, c.relation) for c in cases}
+    rng = random.Random(f"neighbours-{seed}")
+    people = list(world.entities)
+    relations = [r.name for r in world.relations]
+    objects = {(f.subject, f.relation): f.object for f in world.facts}
+    # Per case and kind, candidate prompts (in drawn order) with their true objects.
+    queues: List[Dict[str, List[tuple]]] = []
+    for c in cases:
+        others = [p for p in people if p != c.subject and (p, c.relation) not in edited]
+        rng.shuffle(others)
+        same_rel = [(world.relation(c.relation).prompt(p, c.prompt_template),
+                     objects[(p, c.relation)]) for p in others]
+        rels = [r for r in relations if r != c.relation and (c.subject, r) not in edited]
+        rng.shuffle(rels)
+        same_subj = [(world.relation(r).prompt(c.subject, rng.choice(list(edit_templates))),
+                      objects[(c.subject, r)]) for r in rels]
+        queues.append({"same_relation": same_rel, "same_subject": same_subj})
+    chosen: List[Dict[str, tuple]] = [{} for _ in cases]
+    pending = [(i, k) for i in range(len(cases)) for k in ("same_relation", "same_subject")
+               if queues[i][k]]
+    while pending:
+        heads = [queues[i][k][0] for i, k in pending]
+        if model is None:
+            right = [True] * len(heads)
+        else:
+            from .metrics import score_pairs
+
+            right = [s[1] for s in score_pairs(model, tokenizer, heads, batch_size=batch_size)]
+        still = []
+        for (i, k), head, ok in zip(pending, heads, right):
+            if ok:
+                chosen[i][k] = head
+            else:
+                queues[i][k].pop(0)
+                if queues[i][k]:
+                    still.append((i, k))
+        pending = still
+    out = []
+    for c, probes in zip(cases, chosen):
+        sr, ss = probes.get("same_relation"), probes.get("same_subject")
+        out.append(replace(c, same_relation_prompt=sr and sr[0],
+                           same_relation_ground_truth=sr and sr[1],
+                           same_subject_prompt=ss and ss[0],
+                           same_subject_ground_truth=ss and ss[1]))
+    return out
+
+
+#: Locality probe kinds of the testbed's edit sets, easy first.
+LOCALITY_KINDS = ("landmark", "same_relation", "same_subject")
+_NEIGHBOUR_FIELDS = ("same_relation_prompt", "same_relation_ground_truth",
+                     "same_subject_prompt", "same_subject_ground_truth")
 
 
 def zsre_records(cases: Sequence[EditCase]) -> List[dict]:
@@ -160,6 +237,7 @@ def zsre_records(cases: Sequence[EditCase]) -> List[dict]:
         "loc": c.locality_prompt,
         "loc_ans": c.locality_ground_truth,
         "relation": c.relation,
+        **{k: getattr(c, k) for k in _NEIGHBOUR_FIELDS},
     } for c in cases]
 
 
@@ -175,6 +253,7 @@ def counterfact_records(cases: Sequence[EditCase]) -> List[dict]:
         "locality_prompt": c.locality_prompt,
         "locality_ground_truth": c.locality_ground_truth,
         "relation": c.relation,
+        **{k: getattr(c, k) for k in _NEIGHBOUR_FIELDS},
     } for c in cases]
 
 
@@ -193,12 +272,13 @@ def _normalise(record) -> Dict[str, object]:
     """Common fields of an :class:`EditCase`, a zsRE record or a CounterFact record."""
     if isinstance(record, EditCase):
         record = counterfact_records([record])[0]
+    neighbours = {k: record.get(k) for k in _NEIGHBOUR_FIELDS}
     if "src" in record:  # zsRE
-        return {"prompt": record["src"], "target_new": record["alt"],
+        return {**neighbours, "prompt": record["src"], "target_new": record["alt"],
                 "ground_truth": record["answers"][0], "rephrase_prompt": record["rephrase"],
                 "subject": record["subject"], "loc": record["loc"],
                 "loc_ans": record["loc_ans"]}
-    return {"prompt": record["prompt"], "target_new": record["target_new"],
+    return {**neighbours, "prompt": record["prompt"], "target_new": record["target_new"],
             "ground_truth": record["ground_truth"],
             "rephrase_prompt": record["rephrase_prompt"], "subject": record["subject"],
             "loc": record["locality_prompt"], "loc_ans": record["locality_ground_truth"]}
@@ -218,10 +298,18 @@ def to_requests(records: Sequence) -> List[dict]:
             "ground_truth": c["ground_truth"],
             "rephrase_prompt": c["rephrase_prompt"],
             "subject": c["subject"],
-            "locality": {"neighborhood": {"prompt": c["loc"], "ground_truth": c["loc_ans"]}},
+            "locality": _locality_probes(c),
             "portability": {},
         })
     return out
+
+
+def _locality_probes(c: Dict[str, object]) -> Dict[str, Dict[str, object]]:
+    """The request's ``locality`` dict: one entry per probe kind the record has."""
+    probes = {"landmark": (c["loc"], c["loc_ans"]),
+              "same_relation": (c["same_relation_prompt"], c["same_relation_ground_truth"]),
+              "same_subject": (c["same_subject_prompt"], c["same_subject_ground_truth"])}
+    return {k: {"prompt": p, "ground_truth": g} for k, (p, g) in probes.items() if p and g}
 
 
 def editor_inputs(records: Sequence) -> dict:
@@ -233,6 +321,13 @@ def editor_inputs(records: Sequence) -> dict:
         "ground_truth": [c["ground_truth"] for c in cs],
         "rephrase_prompts": [c["rephrase_prompt"] for c in cs],
         "subject": [c["subject"] for c in cs],
-        "locality_inputs": {"neighborhood": {"prompt": [c["loc"] for c in cs],
-                                             "ground_truth": [c["loc_ans"] for c in cs]}},
+        "locality_inputs": _locality_inputs(cs),
     }
+
+
+def _locality_inputs(cs: Sequence[Dict[str, object]]) -> Dict[str, Dict[str, list]]:
+    """EasyEdit's ``locality_inputs``: one list per kind, so only kinds every record has."""
+    probes = [_locality_probes(c) for c in cs]
+    return {kind: {"prompt": [p[kind]["prompt"] for p in probes],
+                   "ground_truth": [p[kind]["ground_truth"] for p in probes]}
+            for kind in LOCALITY_KINDS if all(kind in p for p in probes)}
