@@ -40,8 +40,8 @@ CONFIGS = [
     ("radii: 4 swaps, margin 0.5", {"negatives_per_edit": 4, "radius_margin": 0.5}),
     ("radii: 1 swap, margin 0.25", {"negatives_per_edit": 1, "radius_margin": 0.25}),
     ("radii: 2 swaps, margin 0.25", {"negatives_per_edit": 2, "radius_margin": 0.25}),
-    ("radii: 2 swaps, margin 0.35", {"negatives_per_edit": 2, "radius_margin": 0.35}),
-    ("radii: 4 swaps, margin 0.25 (the testbed YAML)", {}),
+    ("radii: 4 swaps, margin 0.25", {"negatives_per_edit": 4, "radius_margin": 0.25}),
+    ("radii: 2 swaps, margin 0.35 (the testbed YAML)", {}),
 ]
 
 

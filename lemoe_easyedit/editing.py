@@ -34,8 +34,7 @@ from . import compat
 from .injection import find_adaptor, inject_adaptor, remove_adaptor
 from .layer import LEMoELayer
 from .ordering import EditOrderPlanner
-from .training import (encode_edits, negative_pool, prompt_queries, stored_sample,
-                       subject_ids_of, train_slot)
+from .training import (encode_edits, negative_pool, prompt_queries, subject_ids_of, train_slot)
 
 Restore = Union[Dict[str, torch.Tensor], Callable[[], None]]
 
@@ -131,13 +130,14 @@ def _edit_online(model, layer: LEMoELayer, tok, request: Dict, hp) -> None:
     if slot is None:
         _check_capacity(layer, 1, hp)
         slot = layer.new_slot(seed=hp.seed + len(layer.slots))
+        layer.__dict__["_negative_cache"] = {}  # (one per open expert: training.negative_pool)
     # A later edit of the same prompt replaces the earlier one inside the open expert.
     slot.edits = [e for e in slot.edits if e["prompt"] != request["prompt"]]
     slot.edits.append(_record(layer, request))
     index = len(layer.slots) - 1
     subjects: Dict[str, int] = {}
-    negatives = negative_pool(model, layer, tok, slot.edits + stored_sample(layer, hp),
-                              subjects, hp, _device(layer))
+    negatives = negative_pool(model, layer, tok, slot.edits, subjects, hp, _device(layer),
+                              cache=layer.__dict__.setdefault("_negative_cache", {}))
     stats = train_slot(model, layer, index, encode_edits(tok, slot.edits, hp.max_length), tok,
                        hp, progress=False, negatives=negatives,
                        edit_subjects=subject_ids_of(slot.edits, subjects))
@@ -152,7 +152,7 @@ def _edit_batches(model, layer: LEMoELayer, tok, requests: List[Dict], hp) -> No
     device = _device(layer)
     queries = prompt_queries(model, layer, tok, requests, hp.max_length, device)
     subjects: Dict[str, int] = {}
-    negatives = negative_pool(model, layer, tok, requests + stored_sample(layer, hp),
+    negatives = negative_pool(model, layer, tok, requests,
                               subjects, hp, device)
     planner = EditOrderPlanner(hp.edits_per_expert, hp.seed, enabled=hp.order_planning)
     planner.fit(queries.cpu().numpy())

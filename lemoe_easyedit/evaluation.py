@@ -476,24 +476,21 @@ class _Scorer:
 
     def prepare(self, model, requests: Sequence[dict]) -> None:
         """Unedited-model locality tokens (and greedy locality continuations), once."""
-        self.pre_loc, self.pre_loc_gen = [], []
+        self.pre_loc = []
+        self.pre_loc_gen = [{} for _ in requests]
         it = tqdm(requests, desc="unedited locality", leave=False, disable=not self.progress)
-        for r in it:
+        jobs: List[Tuple[int, str, str, str]] = []
+        for i, r in enumerate(it):
             probes = _locality_probes(r)
-            if not probes:
-                self.pre_loc.append({})
-                self.pre_loc_gen.append({})
-                continue
             self.pre_loc.append({k: self._locality_tokens(model, k, p, g)
                                  for k, p, g in probes})
-            if self.greedy and self.eval_metric != "ppl":
-                gens = {}
-                for k, p, g in probes:
-                    n = len(target_token_ids(self.tok, p, g)[1])
-                    gens[k] = greedy_generate(model, self.tok, [p], [n])[0]
-                self.pre_loc_gen.append(gens)
-            else:
-                self.pre_loc_gen.append({})
+            jobs.extend((i, k, p, g) for k, p, g in probes)
+        if jobs and self.greedy and self.eval_metric != "ppl":
+            # One batched greedy generation for every probe (as score() does).
+            lengths = [len(target_token_ids(self.tok, p, g)[1]) for _, _, p, g in jobs]
+            gens = greedy_generate(model, self.tok, [p for _, _, p, _ in jobs], lengths)
+            for (i, k, _, _), got in zip(jobs, gens):
+                self.pre_loc_gen[i][k] = got
 
     def score(self, model, requests: Sequence[dict], indices: Sequence[int],
               desc: str = "scoring") -> List[dict]:

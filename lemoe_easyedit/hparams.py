@@ -68,9 +68,13 @@ class LEMoEHyperParams(HyperParams):
     #: Subject swaps per edit to fit each anchor's acceptance radius from (``locality``):
     #: with the guard on, a query reaches an expert only inside its nearest anchor's radius.
     #: 0: no radii, the global ``guard_threshold`` alone decides.
-    negatives_per_edit: int = 4
+    negatives_per_edit: int = 2
+    #: The negatives of a call number at least this many prompts (the call's edits, the
+    #: frozen experts' edits and the swaps, which are added per edit as needed), so that a
+    #: short stream's radii are fitted against as many negatives as a long one's.
+    min_negatives: int = 2000
     #: Where an anchor's radius lies between its nearest negative (0) and itself (1).
-    radius_margin: float = 0.25
+    radius_margin: float = 0.35
 
     # Batches, order and training.
     edits_per_expert: int = 200
@@ -110,7 +114,7 @@ class LEMoEHyperParams(HyperParams):
                      "train_batch_size"):
             value = getattr(self, name)
             _check(_is_int(value) and value >= 1, name, value, "must be an integer >= 1")
-        for name in ("route_steps", "negatives_per_edit"):
+        for name in ("route_steps", "negatives_per_edit", "min_negatives"):
             value = getattr(self, name)
             _check(_is_int(value) and value >= 0, name, value, "must be an integer >= 0")
         _check(self.max_experts is None or (_is_int(self.max_experts) and self.max_experts >= 1),

@@ -129,6 +129,7 @@ class LEMoELayer(nn.Module):
         state = dict(self.__dict__)
         state.pop("_routing_table", None)
         state.pop("_flag_store", None)  # the copy's flags are not views of it
+        state.pop("_negative_cache", None)  # only saves work; rebuilt when needed
         state["_last_routes"] = self.last_routes
         return state
 

@@ -76,8 +76,8 @@ def subject_swaps(requests: Sequence[Dict], subjects: Sequence[str], per_request
 
     ``subjects``: the pool to draw from (the stream's subjects). Only requests whose
     ``subject`` occurs in their prompt are swapped. Each copy keeps the request's
-    ``target_new`` (its positions are where the anchors are) and records the subject it
-    is now about in ``subject``. Drawn from ``random.Random(seed)``: deterministic, and the
+    ``target_new`` (its positions are where the anchors are), records the subject it is
+    now about in ``subject`` and the index of the request it was made from in ``source``. Drawn from ``random.Random(seed)``: deterministic, and the
     caller's global random state is not touched.
     """
     if per_request <= 0:
@@ -85,14 +85,14 @@ def subject_swaps(requests: Sequence[Dict], subjects: Sequence[str], per_request
     rng = random.Random(seed)
     pool = sorted(set(subjects))
     out = []
-    for r in requests:
+    for i, r in enumerate(requests):
         subject = r.get("subject")
         if not isinstance(subject, str) or subject not in r["prompt"]:
             continue
         others = [s for s in pool if s != subject]
         for s in rng.sample(others, min(per_request, len(others))):
             out.append({"prompt": r["prompt"].replace(subject, s),
-                        "target_new": r["target_new"], "subject": s})
+                        "target_new": r["target_new"], "subject": s, "source": i})
     return out
 
 

@@ -15,7 +15,6 @@ forward. Both give the same losses and the same expert, up to float rounding.
 from __future__ import annotations
 
 import math
-import random
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -49,11 +48,16 @@ def encode_edits(tok, requests: Sequence[Dict], max_length: int) -> List[Encoded
     beginning of the prompt is dropped (the target and the prompt's end are what the edit is
     about). A target that alone does not fit raises ValueError.
     """
+    if not requests:
+        return []
+    # One batched call per field (a fast tokenizer's batch encodes in parallel, and even a
+    # slow one saves the per-call overhead): the same ids as one call per string.
+    fulls = tok([r["prompt"] + " " + r["target_new"] for r in requests])["input_ids"]
+    prompts = tok([r["prompt"] for r in requests])["input_ids"]
     out = []
-    for i, r in enumerate(requests):
-        prompt, target = r["prompt"], r["target_new"]
-        full = tok(prompt + " " + target)["input_ids"]
-        plen = len(tok(prompt)["input_ids"])
+    for i, (r, full, prompt_ids) in enumerate(zip(requests, fulls, prompts)):
+        target = r["target_new"]
+        plen = len(prompt_ids)
         if len(full) <= plen:
             raise ValueError(f"request {i}: target_new {target!r} adds no tokens to the prompt")
         cut = max(0, len(full) - max_length)
@@ -151,34 +155,72 @@ def anchor_queries(model: nn.Module, layer: LEMoELayer, edits: Sequence[EncodedE
 
 
 def negative_pool(model: nn.Module, layer: LEMoELayer, tok, requests: Sequence[Dict],
-                  subjects: Dict[str, int], hp, device) -> NegativePool:
-    """The negatives of one edit call (:mod:`.locality`): ``hp.negatives_per_edit``
-    subject swaps of each of ``requests`` and the anchors of the requests themselves, each
-    labelled with the id (in ``subjects``, extended as needed) of the subject it is about."""
+                  subjects: Dict[str, int], hp, device,
+                  cache: Optional[Dict[tuple, tuple]] = None) -> NegativePool:
+    """The negatives of one edit call (:mod:`.locality`), each labelled with the id (in
+    ``subjects``, extended as needed) of the subject it is about:
+
+    * subject swaps of each of ``requests`` (subjects drawn from the requests' and the
+      frozen experts' edits) and the anchors of ``requests`` themselves: one forward up to
+      the adaptor. ``hp.negatives_per_edit`` swaps per request, more when the call and the
+      frozen experts together hold fewer than ``hp.min_negatives`` edits, so that a short
+      stream's radii are fitted against as many negatives as a long one's;
+    * the anchors the frozen experts already hold (no forward), so that an edit of a
+      later call is fitted against every subject that came before it.
+
+    ``cache`` (online mode: one per open expert) keeps each request's part across calls,
+    so that a call computes the swaps of its new request only.
+    """
     if hp.negatives_per_edit <= 0 or not requests:
         return NegativePool.empty(layer.hidden, device)
-    stream_subjects = [r["subject"] for r in requests if isinstance(r.get("subject"), str)]
-    swaps = subject_swaps(requests, stream_subjects, hp.negatives_per_edit, hp.seed)
-    sources = list(requests) + swaps
-    encoded = encode_edits(tok, sources, hp.max_length)
-    queries, owner = anchor_queries(model, layer, encoded, tok, device)
-    ids = torch.tensor(subject_ids([r.get("subject") for r in sources], subjects),
+    frozen = [s for s in layer.slots if s.frozen and s.is_enabled and len(s.anchors)]
+    known = [r["subject"] for r in requests if isinstance(r.get("subject"), str)]
+    known += [e["subject"] for s in frozen for e in s.edits
+              if isinstance(e.get("subject"), str)]
+    held = len(requests) + sum(len(s.edits) for s in frozen)
+    per_edit = max(hp.negatives_per_edit,
+                   math.ceil(max(0, hp.min_negatives - held) / len(requests)))
+    cache = {} if cache is None else cache
+    todo = [r for r in requests if _request_key(r) not in cache]
+    if todo:
+        swaps = subject_swaps(todo, known, per_edit, hp.seed + len(cache))
+        sources = list(todo) + swaps
+        queries, owner = anchor_queries(model, layer,
+                                        encode_edits(tok, sources, hp.max_length), tok, device)
+        origin = torch.tensor(list(range(len(todo))) + [w["source"] for w in swaps])[owner]
+        about = [sources[i].get("subject") for i in owner.tolist()]
+        for j, r in enumerate(todo):
+            rows = (origin == j).nonzero()[:, 0]
+            cache[_request_key(r)] = (queries[rows.to(queries.device)],
+                                      [about[i] for i in rows.tolist()])
+    parts = [cache[_request_key(r)] for r in requests]
+    queries = torch.cat([q for q, _ in parts])
+    ids = torch.tensor(subject_ids([a for _, about in parts for a in about], subjects),
                        dtype=torch.long)
-    return NegativePool(queries, ids[owner].to(queries.device))
+    pool = NegativePool(queries, ids.to(queries.device))
+    for slot in frozen:
+        owners = anchor_owners(tok, slot.edits, hp.max_length)
+        if owners is None or len(owners) != len(slot.anchors):
+            continue  # edits and anchors out of step (not expected): leave the slot out
+        slot_ids = torch.tensor(subject_ids([e.get("subject") for e in slot.edits], subjects),
+                                dtype=torch.long)
+        pool = pool.cat(NegativePool(slot.anchors.detach(), slot_ids[owners]))
+    return pool
 
 
-#: At most this many edits already held by frozen experts join a call's negatives.
-STORED_NEGATIVES = 256
+def _request_key(r: Dict) -> tuple:
+    return (r["prompt"], r["target_new"], r.get("subject"))
 
 
-def stored_sample(layer: LEMoELayer, hp) -> List[Dict]:
-    """Edits of the frozen experts that join an edit call's negatives (:mod:`.locality`): at
-    most :data:`STORED_NEGATIVES`, drawn with the hparams' seed, so that an edit arriving
-    in a later call is still fitted against the subjects that came before it."""
-    stored = [e for s in layer.slots if s.frozen for e in s.edits]
-    if len(stored) <= STORED_NEGATIVES:
-        return stored
-    return random.Random(hp.seed + len(stored)).sample(stored, STORED_NEGATIVES)
+def anchor_owners(tok, edits: Sequence[Dict], max_length: int) -> Optional[torch.Tensor]:
+    """The index in ``edits`` of each anchor row a slot trained on them holds (anchors are
+    stored edit by edit, one per target token), or None when they cannot be encoded."""
+    try:
+        encoded = encode_edits(tok, edits, max_length)
+    except (ValueError, KeyError):
+        return None
+    counts = torch.tensor([len(e.input_ids) - e.prompt_len for e in encoded])
+    return torch.repeat_interleave(torch.arange(len(encoded)), counts)
 
 
 def subject_ids_of(requests: Sequence[Dict], subjects: Dict[str, int]) -> List[int]:

@@ -150,3 +150,31 @@ def test_lemoe_keeps_its_neighbours_on_a_small_stream(shipped):
     lost = neighbours(dataclasses.replace(hp, negatives_per_edit=0))
     assert min(lost["same_relation"], lost["same_subject"]) < \
         min(kept["same_relation"], kept["same_subject"]), (lost, kept)
+
+
+@pytest.mark.slow
+def test_online_edits_fit_radii_and_keep_neighbours(shipped):
+    """One request per call (EasyEdit's edit()): every slot gets radii fitted against the
+    stream so far, the swaps of earlier requests are not recomputed, and the neighbours of
+    a short online stream keep their answers."""
+    from copy import deepcopy
+
+    from lemoe_easyedit import LEMoEHyperParams, apply_lemoe_to_model, find_adaptor
+
+    model, tok, _ = shipped
+    model = deepcopy(model)
+    reqs = load_edit_set("counterfact-30")
+    hp = LEMoEHyperParams.from_hparams("testbed-llama")
+    for r in reqs:
+        apply_lemoe_to_model(model, tok, [deepcopy(r)], hp)
+    layer = find_adaptor(model)
+    assert all(len(s.radius) == len(s.anchors) and bool((s.radius > -1).all())
+               for s in layer.slots)
+    # The open expert's cache holds each of its requests once.
+    assert len(layer.__dict__["_negative_cache"]) == len(layer.open_slot.edits)
+    for kind in ("same_relation", "same_subject"):
+        pairs = [(r["locality"][kind]["prompt"], r["locality"][kind]["ground_truth"])
+                 for r in reqs if kind in r["locality"]]
+        assert sum(s[1] for s in score_pairs(model, tok, pairs)) / len(pairs) >= 0.95, kind
+    assert all(s[1] for s in score_pairs(model, tok, [(r["prompt"], r["target_new"])
+                                                      for r in reqs]))

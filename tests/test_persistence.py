@@ -638,3 +638,44 @@ def test_remove_edit_retrains_its_expert_without_it(tiny_models, router, monkeyp
         remove_edit(model, tok, reqs[i]["prompt"])
     assert len(layer.slots) == 2
     assert all(produced(model, tok, r) for r in reqs[:3] + reqs[6:])
+
+
+def test_acceptance_radii_are_saved_and_a_save_without_them_still_loads(tiny_models, tmp_path):
+    import hashlib
+
+    path = tiny_models("llama")
+    model, tok = load(path)
+    hp = hp_for(path, query_pool="ffn_input", router="anchor", negatives_per_edit=2)
+    apply_lemoe_to_model(model, tok, fact_requests(6), hp)
+    radii = [s.radius.clone() for s in find_adaptor(model).slots]
+    assert all(len(r) == len(s.anchors) for r, s in zip(radii, find_adaptor(model).slots))
+    assert any(bool((r > -1).any()) for r in radii)   # fitted, not left empty
+    save_edits(model, tmp_path / "edits")
+    loaded = load_edits(load(path)[0], tmp_path / "edits")
+    assert all(torch.equal(a, s.radius) for a, s in zip(radii, loaded.slots))
+
+    # A save from before anchors had radii (format 1 without the tensor) loads, radius-less.
+    tensors = load_file(str(tmp_path / "edits" / TENSORS))
+    manifest = json.loads((tmp_path / "edits" / MANIFEST).read_text())
+    for i, info in enumerate(manifest["slots"]):
+        tensors.pop(f"slots.{i}.radius")
+        info["tensors"].pop("radius")
+    old = tmp_path / "old"
+    old.mkdir()
+    save_file(tensors, str(old / TENSORS))
+    blob = (old / TENSORS).read_bytes()
+    manifest["tensors"].update(bytes=len(blob), sha256=hashlib.sha256(blob).hexdigest())
+    (old / MANIFEST).write_text(json.dumps(manifest))
+    older = load_edits(load(path)[0], old)
+    assert all(len(s.radius) == 0 for s in older.slots)
+    # A radius of the wrong length is refused by name.
+    tensors["slots.0.radius"] = torch.zeros(len(tensors["slots.0.anchors"]) + 1)
+    manifest["slots"][0]["tensors"]["radius"] = {
+        "dtype": manifest["slots"][0]["tensors"]["anchors"]["dtype"],
+        "shape": [len(tensors["slots.0.radius"])]}
+    save_file(tensors, str(old / TENSORS))
+    blob = (old / TENSORS).read_bytes()
+    manifest["tensors"].update(bytes=len(blob), sha256=hashlib.sha256(blob).hexdigest())
+    (old / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(EditsFileError, match="radius"):
+        load_edits(load(path)[0], old)
