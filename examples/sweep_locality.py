@@ -10,6 +10,7 @@ unedited model gets every probe right, so exact match on the true object is "unc
 
     python examples/sweep_locality.py                   # the README's ablation (T=1000)
     python examples/sweep_locality.py --n 200 --out results/sweep-locality.md
+    python examples/sweep_locality.py --online --n 300  # one request per call (edit())
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from lemoe_easyedit import LEMoEHyperParams, apply_lemoe_to_model  # noqa: E402
 from lemoe_easyedit.testbed import load_testbed, make_edit_set, score_pairs, to_requests  # noqa: E402
 from lemoe_easyedit.testbed.editsets import LOCALITY_KINDS  # noqa: E402
 
+PAPER = {"query_pool": "prefix_mean", "router": "learned", "locality_guard": False,
+         "negatives_per_edit": 0}
 #: (label, overrides of the testbed YAML).
 CONFIGS = [
     ("one global guard (cos >= 0.7), no radii: the previous method", {"negatives_per_edit": 0}),
@@ -41,7 +44,15 @@ CONFIGS = [
     ("radii: 1 swap, margin 0.25", {"negatives_per_edit": 1, "radius_margin": 0.25}),
     ("radii: 2 swaps, margin 0.25", {"negatives_per_edit": 2, "radius_margin": 0.25}),
     ("radii: 4 swaps, margin 0.25", {"negatives_per_edit": 4, "radius_margin": 0.25}),
+    ("radii: 2 swaps, margin 0.35, no global floor (guard_threshold -1)",
+     {"guard_threshold": -1.0}),
     ("radii: 2 swaps, margin 0.35 (the testbed YAML)", {}),
+    # The paper's routing (the 7B YAMLs): embedding prefix-mean queries, learned keys.
+    ("paper routing: prefix mean, learned keys, no guard", PAPER),
+    ("paper routing + radii (guard on, no floor)",
+     {**PAPER, "locality_guard": True, "guard_threshold": -1.0, "negatives_per_edit": 2}),
+    ("FFN-input query, learned keys + radii (guard on, no floor)",
+     {"router": "learned", "guard_threshold": -1.0}),
 ]
 
 
@@ -55,6 +66,9 @@ def main() -> int:
     p.add_argument("--edit-seed", type=int, default=1)
     p.add_argument("--hparams", default=str(REPO / "hparams/LEMoE/testbed-llama.yaml"))
     p.add_argument("--out", default=None, help="write the markdown table here")
+    p.add_argument("--online", action="store_true",
+                   help="one request per call (EasyEdit's edit()), the YAML with and "
+                        "without radii, instead of the batch ablation")
     args = p.parse_args()
     torch.set_num_threads(1)
     model, tok, world = load_testbed()
@@ -62,13 +76,22 @@ def main() -> int:
                                          tokenizer=tok))
     base = LEMoEHyperParams.from_hparams(args.hparams)
     rows = []
-    for label, overrides in CONFIGS:
+    configs = CONFIGS if not args.online else [
+        ("online, the testbed YAML", {}),
+        ("online, no radii", {"negatives_per_edit": 0})]
+    for label, overrides in configs:
         hp = copy.copy(base)
         for k, v in overrides.items():
             setattr(hp, k, v)
         hp.__post_init__()
         t0 = time.time()
-        edited, _ = apply_lemoe_to_model(copy.deepcopy(model), tok, copy.deepcopy(requests), hp)
+        if args.online:
+            edited = copy.deepcopy(model)
+            for r in copy.deepcopy(requests):
+                edited, _ = apply_lemoe_to_model(edited, tok, [r], hp)
+        else:
+            edited, _ = apply_lemoe_to_model(copy.deepcopy(model), tok, copy.deepcopy(requests),
+                                             hp)
         edit_s = time.time() - t0
         row = {"config": label, "overrides": overrides, "edit_s": edit_s,
                "rel": exact(edited, tok, [(r["prompt"], r["target_new"]) for r in requests]),
@@ -93,9 +116,11 @@ def main() -> int:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(
-            f"# LEMoE locality ablation (held-out: edit seed {args.edit_seed}, T={args.n})\n\n"
+            f"# LEMoE locality {'online' if args.online else 'ablation'} (held-out: edit seed "
+            f"{args.edit_seed}, T={args.n})\n\n"
             f"Whole-object exact match. Command: `python examples/sweep_locality.py --n "
-            f"{args.n} --edit-seed {args.edit_seed}`\n\n{table}\n")
+            f"{args.n} --edit-seed {args.edit_seed}{' --online' if args.online else ''}`"
+            f"\n\n{table}\n")
     return 0
 
 

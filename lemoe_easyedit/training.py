@@ -245,10 +245,20 @@ def train_slot(model: nn.Module, layer: LEMoELayer, slot_index: int,
     is raised, so a diverging run never leaves a half-trained expert behind. ``trace``, if
     given, receives the loss of every expert training step.
     """
+    device = layer.slots[slot_index].routing.key.device
+    # Seeded inside a forked RNG: the same expert for the same seed, and the caller's global
+    # random state (CUDA's included) is left as it was.
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        torch.manual_seed(hp.seed + slot_index)
+        return _train_slot(model, layer, slot_index, edits, tok, hp, progress, trace,
+                           negatives, edit_subjects)
+
+
+def _train_slot(model, layer, slot_index, edits, tok, hp, progress, trace, negatives,
+                edit_subjects) -> Dict:
     slot = layer.slots[slot_index]
     device = slot.routing.key.device
     snapshot = {k: v.detach().clone() for k, v in slot.state_dict().items()}
-    torch.manual_seed(hp.seed + slot_index)
     full = collate(edits, _pad_id(tok), device)
     anchors = edit_queries(model, layer, full)[full.anchor_mask]
     slot.anchors = anchors.detach().clone()

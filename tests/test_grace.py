@@ -307,6 +307,15 @@ def test_re_edit_and_split_are_served_on_a_real_model(tiny_models):
     assert bool((g.epsilons > 0).all())
     for r in (again, other):
         assert teacher_forced_match(model, tok, r["prompt"], r["target_new"])[0], r
+    # Expand: a second prompt with the same label as the only key.
+    model, tok = load(tiny_models("llama"))
+    first, second = (dict(r, target_new="Tokyo") for r in fact_requests(2))
+    apply_grace_to_model(model, tok, [first], dataclasses.replace(hp, eps=1e-3))
+    apply_grace_to_model(model, tok, [second], dataclasses.replace(hp, eps=1e3))
+    g = find_grace(model)
+    assert g.num_keys == 1 and g.history[-1]["action"] == "expand"
+    for r in (first, second):
+        assert teacher_forced_match(model, tok, r["prompt"], r["target_new"])[0], r
 
 
 def test_an_edit_its_prompt_cannot_reach_fails_and_is_undone(tiny_models, monkeypatch):

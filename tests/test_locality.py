@@ -178,3 +178,22 @@ def test_online_edits_fit_radii_and_keep_neighbours(shipped):
         assert sum(s[1] for s in score_pairs(model, tok, pairs)) / len(pairs) >= 0.95, kind
     assert all(s[1] for s in score_pairs(model, tok, [(r["prompt"], r["target_new"])
                                                       for r in reqs]))
+
+
+def test_editing_leaves_the_callers_global_rng_alone(tiny_models):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from conftest import fact_requests
+    from lemoe_easyedit import LEMoEHyperParams, apply_lemoe_to_model
+
+    path = tiny_models("llama")
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    hp = dataclasses.replace(LEMoEHyperParams.from_hparams("tiny-llama"),
+                             model_name=str(path), edits_per_expert=3, max_steps=5)
+    torch.manual_seed(1234)
+    expected = torch.rand(3)
+    torch.manual_seed(1234)
+    apply_lemoe_to_model(model, tok, fact_requests(4), hp)          # batch
+    apply_lemoe_to_model(model, tok, fact_requests(5)[4:], hp)      # online
+    assert torch.equal(torch.rand(3), expected)
