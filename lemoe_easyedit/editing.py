@@ -150,7 +150,9 @@ def _edit_batches(model, layer: LEMoELayer, tok, requests: List[Dict], hp) -> No
     requests = _last_wins(requests)
     encoded = encode_edits(tok, requests, hp.max_length)  # validates before any change
     device = _device(layer)
-    queries = prompt_queries(model, layer, tok, requests, hp.max_length, device)
+    # Planning reads the prompts' queries; without it only the count matters.
+    queries = prompt_queries(model, layer, tok, requests, hp.max_length, device) \
+        if hp.order_planning else torch.zeros(len(requests), 1)
     subjects: Dict[str, int] = {}
     negatives = negative_pool(model, layer, tok, requests,
                               subjects, hp, device)
