@@ -34,7 +34,7 @@ from . import compat
 from .injection import find_adaptor, inject_adaptor, remove_adaptor
 from .layer import LEMoELayer
 from .ordering import EditOrderPlanner
-from .training import (encode_edits, negative_pool, prompt_queries, subject_ids_of, train_slot)
+from .training import encode_edits, negative_pool, prompt_queries, subject_ids_of, train_slot
 
 Restore = Union[Dict[str, torch.Tensor], Callable[[], None]]
 
@@ -154,8 +154,7 @@ def _edit_batches(model, layer: LEMoELayer, tok, requests: List[Dict], hp) -> No
     queries = prompt_queries(model, layer, tok, requests, hp.max_length, device) \
         if hp.order_planning else torch.zeros(len(requests), 1)
     subjects: Dict[str, int] = {}
-    negatives = negative_pool(model, layer, tok, requests,
-                              subjects, hp, device)
+    negatives = negative_pool(model, layer, tok, requests, subjects, hp, device)
     planner = EditOrderPlanner(hp.edits_per_expert, hp.seed, enabled=hp.order_planning)
     planner.fit(queries.cpu().numpy())
     _check_capacity(layer, len(planner.batches_), hp)

@@ -79,7 +79,7 @@ class ExpertSlot(nn.Module):
         that)."""
         self.anchors = state["anchors"].clone()
         self.radius = state.get("radius", torch.zeros(0)).clone().to(self.anchors.device)
-        self.load_state_dict({**state, "radius": self.radius}, strict="radius" in state)
+        self.load_state_dict({**state, "radius": self.radius})
 
     @property
     def is_enabled(self) -> bool:
