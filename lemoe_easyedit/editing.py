@@ -130,14 +130,12 @@ def _edit_online(model, layer: LEMoELayer, tok, request: Dict, hp) -> None:
     if slot is None:
         _check_capacity(layer, 1, hp)
         slot = layer.new_slot(seed=hp.seed + len(layer.slots))
-        layer.__dict__["_negative_cache"] = {}  # (one per open expert: training.negative_pool)
     # A later edit of the same prompt replaces the earlier one inside the open expert.
     slot.edits = [e for e in slot.edits if e["prompt"] != request["prompt"]]
     slot.edits.append(_record(layer, request))
     index = len(layer.slots) - 1
     subjects: Dict[str, int] = {}
-    negatives = negative_pool(model, layer, tok, slot.edits, subjects, hp, _device(layer),
-                              cache=layer.__dict__.setdefault("_negative_cache", {}))
+    negatives = negative_pool(model, layer, tok, slot.edits, subjects, hp, _device(layer))
     stats = train_slot(model, layer, index, encode_edits(tok, slot.edits, hp.max_length), tok,
                        hp, progress=False, negatives=negatives,
                        edit_subjects=subject_ids_of(slot.edits, subjects))

@@ -70,8 +70,9 @@ class LEMoEHyperParams(HyperParams):
     #: 0: no radii, the global ``guard_threshold`` alone decides.
     negatives_per_edit: int = 2
     #: The negatives of a call number at least this many prompts (the call's edits, the
-    #: frozen experts' edits and the swaps, which are added per edit as needed), so that a
-    #: short stream's radii are fitted against as many negatives as a long one's.
+    #: frozen experts' edits, swaps kept from earlier calls and the call's own swaps, added
+    #: per edit as needed), so that a short stream's radii are fitted against as many
+    #: negatives as a long one's; also the most swap prompts kept between calls.
     min_negatives: int = 2000
     #: Where an anchor's radius lies between its nearest negative (0) and itself (1).
     radius_margin: float = 0.35

@@ -15,6 +15,7 @@ forward. Both give the same losses and the same expert, up to float rounding.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -155,57 +156,84 @@ def anchor_queries(model: nn.Module, layer: LEMoELayer, edits: Sequence[EncodedE
 
 
 def negative_pool(model: nn.Module, layer: LEMoELayer, tok, requests: Sequence[Dict],
-                  subjects: Dict[str, int], hp, device,
-                  cache: Optional[Dict[tuple, tuple]] = None) -> NegativePool:
+                  subjects: Dict[str, int], hp, device) -> NegativePool:
     """The negatives of one edit call (:mod:`.locality`), each labelled with the id (in
     ``subjects``, extended as needed) of the subject it is about:
 
-    * subject swaps of each of ``requests`` (subjects drawn from the requests' and the
-      frozen experts' edits) and the anchors of ``requests`` themselves: one forward up to
-      the adaptor. ``hp.negatives_per_edit`` swaps per request, more when the call and the
-      frozen experts together hold fewer than ``hp.min_negatives`` edits, so that a short
-      stream's radii are fitted against as many negatives as a long one's;
-    * the anchors the frozen experts already hold (no forward), so that an edit of a
-      later call is fitted against every subject that came before it.
-
-    ``cache`` (online mode: one per open expert) keeps each request's part across calls,
-    so that a call computes the swaps of its new request only.
+    * the anchors of ``requests`` themselves and their subject swaps (subjects drawn from the
+      requests' and the frozen experts' edits): one forward up to the adaptor.
+      ``hp.negatives_per_edit`` swaps per request, more while the pool would hold fewer
+      than ``hp.min_negatives`` prompts, so that a short stream's radii are fitted against
+      as many negatives as a long one's;
+    * the swaps of earlier calls, kept on the layer (up to ``hp.min_negatives`` prompts, so
+      memory stays bounded): a stream edited in many small calls (online, installments)
+      computes each request's swaps once and reaches the minimum early;
+    * the anchors the frozen experts already hold (no forward), so that an edit of a later
+      call is fitted against every subject that came before it.
     """
     if hp.negatives_per_edit <= 0 or not requests:
         return NegativePool.empty(layer.hidden, device)
+    #: request key -> (swap queries, subject of each row, number of swap prompts)
+    cache: Dict[tuple, tuple] = layer.__dict__.setdefault("_negative_cache", {})
     frozen = [s for s in layer.slots if s.frozen and s.is_enabled and len(s.anchors)]
     known = [r["subject"] for r in requests if isinstance(r.get("subject"), str)]
     known += [e["subject"] for s in frozen for e in s.edits
               if isinstance(e.get("subject"), str)]
-    held = len(requests) + sum(len(s.edits) for s in frozen)
+    cached = sum(n for _, _, n in cache.values())
+    held = len(requests) + sum(len(s.edits) for s in frozen) + cached
     per_edit = max(hp.negatives_per_edit,
                    math.ceil(max(0, hp.min_negatives - held) / len(requests)))
-    cache = {} if cache is None else cache
     todo = [r for r in requests if _request_key(r) not in cache]
-    if todo:
-        swaps = subject_swaps(todo, known, per_edit, hp.seed + len(cache))
-        sources = list(todo) + swaps
-        queries, owner = anchor_queries(model, layer,
-                                        encode_edits(tok, sources, hp.max_length), tok, device)
-        origin = torch.tensor(list(range(len(todo))) + [w["source"] for w in swaps])[owner]
-        about = [sources[i].get("subject") for i in owner.tolist()]
-        for j, r in enumerate(todo):
-            rows = (origin == j).nonzero()[:, 0]
-            cache[_request_key(r)] = (queries[rows.to(queries.device)],
-                                      [about[i] for i in rows.tolist()])
-    parts = [cache[_request_key(r)] for r in requests]
-    queries = torch.cat([q for q, _ in parts])
+    swaps = subject_swaps(todo, known, per_edit, hp.seed + len(cache))
+    sources = list(requests) + swaps
+    queries, owner = anchor_queries(model, layer, encode_edits(tok, sources, hp.max_length),
+                                    tok, device)
+    # Rows by the request they belong to: -1 for the requests' own rows, else the index in
+    # ``todo`` of the request the row's swap was made from.
+    made_from = [-1] * len(requests) + [w["source"] for w in swaps]
+    groups: Dict[int, List[int]] = {}
+    for row, src in enumerate(owner.tolist()):
+        groups.setdefault(made_from[src], []).append(row)
+    subject_of = [sources[i].get("subject") for i in owner.tolist()]
+    swaps_made = Counter(w["source"] for w in swaps)
+
+    def part(j: int):
+        index = groups.get(j, [])
+        return (queries[torch.tensor(index, dtype=torch.long, device=queries.device)],
+                [subject_of[i] for i in index])
+
+    parts = [part(-1)]
+    for j, r in enumerate(todo):
+        entry = (*part(j), swaps_made[j])
+        if cached < hp.min_negatives:  # kept for later calls while the cache has room
+            cache[_request_key(r)] = entry
+            cached += entry[2]
+        else:
+            parts.append(entry[:2])
+    parts += [entry[:2] for entry in cache.values()]
+    queries = torch.cat([q.to(device) for q, _ in parts])
     ids = torch.tensor(subject_ids([a for _, about in parts for a in about], subjects),
                        dtype=torch.long)
     pool = NegativePool(queries, ids.to(queries.device))
     for slot in frozen:
-        owners = anchor_owners(tok, slot.edits, hp.max_length)
-        if owners is None or len(owners) != len(slot.anchors):
+        owners = _frozen_owners(slot, tok, hp.max_length)
+        if owners is None:
             continue  # edits and anchors out of step (not expected): leave the slot out
         slot_ids = torch.tensor(subject_ids([e.get("subject") for e in slot.edits], subjects),
                                 dtype=torch.long)
         pool = pool.cat(NegativePool(slot.anchors.detach(), slot_ids[owners]))
     return pool
+
+
+def _frozen_owners(slot, tok, max_length: int) -> Optional[torch.Tensor]:
+    """:func:`anchor_owners` of a frozen slot, computed once (its edits no longer change)."""
+    owners = slot.__dict__.get("_anchor_owners")
+    if owners is None or len(owners) != len(slot.anchors):
+        owners = anchor_owners(tok, slot.edits, max_length)
+        if owners is None or len(owners) != len(slot.anchors):
+            return None
+        slot.__dict__["_anchor_owners"] = owners
+    return owners
 
 
 def _request_key(r: Dict) -> tuple:
