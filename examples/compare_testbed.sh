@@ -21,7 +21,7 @@ PYTHON="${PYTHON:-python}"
 common=(--methods LEMoE ROME MEMIT GRACE FT
         --hparams-dir hparams --hparams-name testbed-llama
         --data testbed --num-edits 1000 --chunk 1000
-        --stats-dir "${STATS_DIR:-results/stats}" --seed 0)
+        --stats-dir "${STATS_DIR:-results/stats}" --seed 0 --threads 1)
 "$PYTHON" -m lemoe_easyedit.runner compare "${common[@]}" --out "$OUT/final"
 if [[ "${CURVE:-1}" == 1 ]]; then
   "$PYTHON" -m lemoe_easyedit.runner compare "${common[@]}" --checkpoints 100 --out "$OUT/curve"
@@ -29,5 +29,5 @@ fi
 if [[ "${T3000:-1}" == 1 ]]; then
   "$PYTHON" -m lemoe_easyedit.runner compare --methods LEMoE GRACE FT \
     --hparams-dir hparams --hparams-name testbed-llama --data testbed \
-    --num-edits 3000 --chunk 3000 --seed 0 --out "$OUT/T3000"
+    --num-edits 3000 --chunk 3000 --seed 0 --threads 1 --out "$OUT/T3000"
 fi
