@@ -100,7 +100,9 @@ def demo_command(args: argparse.Namespace) -> int:
 
 def _rows(summary: Dict) -> List[str]:
     """The metrics shown: Rel, Gen, Loc (mean over kinds) and Loc of each probe kind."""
-    kinds = [k[4:] for k in summary if k.startswith("loc:")]
+    from .evaluation import locality_kinds
+
+    kinds = locality_kinds([summary])
     rows = []
     for k in METRICS:
         rows.append(k)

@@ -34,7 +34,8 @@ from . import compat
 from .injection import find_adaptor, inject_adaptor, remove_adaptor
 from .layer import LEMoELayer
 from .ordering import EditOrderPlanner
-from .training import encode_edits, negative_pool, prompt_queries, subject_ids_of, train_slot
+from .locality import subject_ids
+from .training import encode_edits, negative_pool, prompt_queries, train_slot
 
 Restore = Union[Dict[str, torch.Tensor], Callable[[], None]]
 
@@ -136,9 +137,10 @@ def _edit_online(model, layer: LEMoELayer, tok, request: Dict, hp) -> None:
     index = len(layer.slots) - 1
     subjects: Dict[str, int] = {}
     negatives = negative_pool(model, layer, tok, slot.edits, subjects, hp, _device(layer))
+    about = [e.get("subject") for e in slot.edits]
     stats = train_slot(model, layer, index, encode_edits(tok, slot.edits, hp.max_length), tok,
                        hp, progress=False, negatives=negatives,
-                       edit_subjects=subject_ids_of(slot.edits, subjects))
+                       edit_subjects=subject_ids(about, subjects))
     if len(slot.edits) >= hp.edits_per_expert:
         slot.freeze()
     _log(layer, {"mode": "online", "slot": index, **stats})
@@ -163,9 +165,9 @@ def _edit_batches(model, layer: LEMoELayer, tok, requests: List[Dict], hp) -> No
         slot = layer.new_slot(seed=hp.seed + len(layer.slots))
         slot.edits = [_record(layer, requests[i]) for i in batch]
         index = len(layer.slots) - 1
+        about = [requests[i].get("subject") for i in batch]
         stats = train_slot(model, layer, index, [encoded[i] for i in batch], tok, hp,
-                           negatives=negatives,
-                           edit_subjects=subject_ids_of([requests[i] for i in batch], subjects))
+                           negatives=negatives, edit_subjects=subject_ids(about, subjects))
         slot.freeze()
         _log(layer, {"mode": "batch", "slot": index, "batch": batch, **stats})
     layer.plans = getattr(layer, "plans", []) + [

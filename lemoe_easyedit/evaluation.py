@@ -553,11 +553,11 @@ class _Scorer:
             m["loc_em"] = _mean(loc_em.get(m_pos, []))
 
 
-def locality_kinds(per_edit: Sequence[dict]) -> List[str]:
-    """The locality probe kinds scored in ``per_edit`` (``loc:<kind>`` keys), in order of
-    first appearance."""
+def locality_kinds(scores: Sequence[dict]) -> List[str]:
+    """The locality probe kinds scored in ``scores`` (per-edit metrics, summaries or
+    checkpoints: their ``loc:<kind>`` keys), in order of first appearance."""
     kinds: Dict[str, None] = {}
-    for m in per_edit:
+    for m in scores:
         for key in m:
             if key.startswith("loc:"):
                 kinds.setdefault(key[4:])
@@ -585,8 +585,8 @@ def _summary(per_edit: Sequence[dict], keys: Sequence[str]) -> Dict[str, Optiona
 
 
 def _average_summaries(summaries: Sequence[dict], keys: Sequence[str]) -> dict:
-    extra = [k for s in summaries for k in s if k.startswith(("loc:", "loc_em:"))]
-    names = list(dict.fromkeys(list(keys) + ["avg"] + extra))
+    per_kind = [f"{p}:{k}" for k in locality_kinds(summaries) for p in ("loc", "loc_em")]
+    names = list(dict.fromkeys(list(keys) + ["avg"] + per_kind))
     out = {k: _mean(s.get(k) for s in summaries) for k in names
            if any(k in s for s in summaries)}
     out["n"] = int(sum(s.get("n", 0) for s in summaries))
@@ -870,11 +870,11 @@ def _fmt(v, digits: int = 3) -> str:
 def summary_table(results: Sequence[dict]) -> str:
     """A markdown table of several results dicts (one row per method)."""
     ppl = any(r.get("protocol", {}).get("eval_metric") == "ppl" for r in results)
-    kinds = list(dict.fromkeys(k for r in results for k in r.get("summary", {})
-                               if k.startswith("loc:")))
-    cols = (["rel_ppl", "gen_ppl", "loc"] + kinds if ppl else
-            ["rel", "gen", "loc"] + kinds + ["avg", "rel_em", "gen_em", "loc_em"]
-            + ["loc_em:" + k[4:] for k in kinds])
+    kinds = locality_kinds([r.get("summary", {}) for r in results])
+    loc = [f"loc:{k}" for k in kinds]
+    cols = (["rel_ppl", "gen_ppl", "loc"] + loc if ppl else
+            ["rel", "gen", "loc"] + loc + ["avg", "rel_em", "gen_em", "loc_em"]
+            + [f"loc_em:{k}" for k in kinds])
     head = ["method"] + cols + ["T", "chunks", "edit s", "eval s", "implementation"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:

@@ -78,8 +78,9 @@ class ExpertSlot(nn.Module):
         may differ in length from the current ones (a plain ``load_state_dict`` refuses
         that)."""
         self.anchors = state["anchors"].clone()
-        self.radius = state.get("radius", torch.zeros(0)).clone().to(self.anchors.device)
-        self.load_state_dict({**state, "radius": self.radius})
+        self.radius = state["radius"].clone()
+        self.load_state_dict(state)
+        self.__dict__.pop("_anchor_owners", None)  # recorded for the anchors just replaced
 
     @property
     def is_enabled(self) -> bool:

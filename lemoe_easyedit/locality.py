@@ -9,9 +9,10 @@ gets its own acceptance radius, fitted from data:
 * **negatives** are built from the edit stream itself, never from evaluation probes: each
   request's prompt with its subject swapped for other subjects of the stream
   (:func:`subject_swaps`), followed by the request's own target (so that every anchor
-  position has a counterpart), plus the anchors of the other requests of the same call;
-* an anchor's radius is the cosine halfway between the anchor itself (1) and its most
-  similar negative **about another subject** (negatives about the anchor's own subject are
+  position has a counterpart), plus the anchors of the other requests (assembled by
+  :func:`~.training.negative_pool`);
+* an anchor's radius is a cosine between its most similar negative **about another
+  subject** and the anchor itself (1), ``margin`` of the way up (``radius_margin``) (negatives about the anchor's own subject are
   left out: without relation labels, "the same person in other words" cannot be told from
   "the same person, another relation");
 * a query is served by the expert of its nearest anchor only when its cosine to that
@@ -33,6 +34,9 @@ __all__ = ["NegativePool", "subject_swaps", "fit_radii", "NO_RADIUS"]
 
 #: Radius of an anchor that has no negative to be fitted against: only the global guard.
 NO_RADIUS = -1.0
+#: Radii stay below this, so that the anchor's own prompt, recomputed in a batch of another
+#: shape (a few ulps off), stays inside even when a negative coincides with it.
+_MAX_RADIUS = 0.999
 
 
 @dataclass
@@ -77,8 +81,9 @@ def subject_swaps(requests: Sequence[Dict], subjects: Sequence[str], per_request
     ``subjects``: the pool to draw from (the stream's subjects). Only requests whose
     ``subject`` occurs in their prompt are swapped. Each copy keeps the request's
     ``target_new`` (its positions are where the anchors are), records the subject it is
-    now about in ``subject`` and the index of the request it was made from in ``source``. Drawn from ``random.Random(seed)``: deterministic, and the
-    caller's global random state is not touched.
+    now about in ``subject`` and the index of the request it was made from in ``source``.
+    Drawn from ``random.Random(seed)``: deterministic, and the caller's global random
+    state is not touched.
     """
     if per_request <= 0:
         return []
@@ -102,8 +107,7 @@ def fit_radii(anchors: torch.Tensor, anchor_subjects: torch.Tensor,
     """Acceptance radius of each anchor, ``[N]`` (see the module docstring).
 
     ``margin``: where between its nearest negative (0) and itself (1) an anchor's radius
-    lies, as a fraction of the cosine gap (0.5: halfway).
-    ``anchors``: ``[N, H]`` normalised queries, ``anchor_subjects``: ``[N]`` subject ids
+    lies, as a fraction of the cosine gap (0.5: halfway). ``anchors``: ``[N, H]`` normalised queries, ``anchor_subjects``: ``[N]`` subject ids
     (``-1``: unknown, then every negative counts). An anchor with no negative about
     another subject gets :data:`NO_RADIUS`.
     """
@@ -116,10 +120,5 @@ def fit_radii(anchors: torch.Tensor, anchor_subjects: torch.Tensor,
             == negatives.subjects.to(anchors.device).unsqueeze(0)) \
         & (anchor_subjects.to(anchors.device).unsqueeze(1) >= 0)
     nearest = sims.masked_fill(same, -2.0).amax(1)
-    # Capped below 1 so that the anchor's own prompt, recomputed in a batch of another shape
-    # (a few ulps off), always stays inside even when a negative coincides with it.
     radius = (nearest + margin * (1.0 - nearest)).clamp_max(_MAX_RADIUS)
     return torch.where(nearest > -2.0, radius, torch.full_like(nearest, NO_RADIUS))
-
-
-_MAX_RADIUS = 0.999

@@ -51,7 +51,8 @@ from .injection import find_adaptor
 from .layer import LEMoELayer
 from .model_families import family_of, get_submodule, mlp_path, num_layers, proj_weight
 from .routing import QueryBuilder
-from .training import encode_edits, negative_pool, subject_ids_of, train_slot
+from .locality import subject_ids
+from .training import encode_edits, negative_pool, train_slot
 
 FORMAT = "lemoe-edits"
 FORMAT_VERSION = 1
@@ -776,10 +777,11 @@ def remove_edit(model: nn.Module, tok, key: Union[int, str], hparams=None
             replaced.append((i, old))
             fresh.edits = [dict(e) for e in keep]
             subjects: Dict[str, int] = {}
-            negatives = negative_pool(model, layer, tok, keep,
-                                      subjects, hp, fresh.routing.key.device)
+            negatives = negative_pool(model, layer, tok, keep, subjects, hp,
+                                      fresh.routing.key.device)
+            about = [e.get("subject") for e in keep]
             train_slot(model, layer, i, encoded, tok, hp, progress=False, negatives=negatives,
-                       edit_subjects=subject_ids_of(keep, subjects))
+                       edit_subjects=subject_ids(about, subjects))
             if old.frozen:
                 fresh.freeze()
             else:

@@ -439,8 +439,9 @@ def plot_curves(results: Sequence[dict], path: os.PathLike, title: str = "") -> 
     panels = ([("rel_ppl", None, "Rel PPL (lower is better)"),
                ("loc", None, "Loc")] if ppl else
               [("rel", "rel_em", "Rel"), ("gen", "gen_em", "Gen"), ("loc", "loc_em", "Loc")])
-    kinds = list(dict.fromkeys(k[4:] for r in results for p in r.get("checkpoints") or []
-                               for k in p if k.startswith("loc:")))
+    from .evaluation import locality_kinds
+
+    kinds = locality_kinds([p for r in results for p in r.get("checkpoints") or []])
     if len(kinds) > 1:  # Loc is then the mean over kinds; each kind gets its own panel
         panels[-1] = ("loc", "loc_em", "Loc (mean over kinds)")
         panels += [(f"loc:{k}", f"loc_em:{k}", f"Loc, {k.replace('_', ' ')}") for k in kinds]

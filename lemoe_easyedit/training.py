@@ -211,22 +211,23 @@ def negative_pool(model: nn.Module, layer: LEMoELayer, tok, requests: Sequence[D
         else:
             parts.append(entry[:2])
     parts += [entry[:2] for entry in cache.values()]
-    queries = torch.cat([q.to(device) for q, _ in parts])
-    ids = torch.tensor(subject_ids([a for _, about in parts for a in about], subjects),
-                       dtype=torch.long)
-    pool = NegativePool(queries, ids.to(queries.device))
+    queries = [q.to(device) for q, _ in parts]
+    ids = [torch.tensor(subject_ids([a for _, about in parts for a in about], subjects),
+                        dtype=torch.long)]
     for slot in frozen:
-        owners = _frozen_owners(slot, tok, hp.max_length)
+        owners = _anchor_owners(slot, tok, hp.max_length)
         if owners is None:
             continue  # edits and anchors out of step (not expected): leave the slot out
         slot_ids = torch.tensor(subject_ids([e.get("subject") for e in slot.edits], subjects),
                                 dtype=torch.long)
-        pool = pool.cat(NegativePool(slot.anchors.detach(), slot_ids[owners]))
-    return pool
+        queries.append(slot.anchors.detach().to(device))
+        ids.append(slot_ids[owners])
+    return NegativePool(torch.cat(queries), torch.cat(ids).to(device))
 
 
-def _frozen_owners(slot, tok, max_length: int) -> Optional[torch.Tensor]:
-    """:func:`anchor_owners` of a frozen slot, computed once (its edits no longer change)."""
+def _anchor_owners(slot, tok, max_length: int) -> Optional[torch.Tensor]:
+    """The edit index of each of ``slot``'s anchor rows: recorded by :func:`train_slot`, or
+    (a slot loaded from disk) re-derived once from its edits' tokens."""
     owners = slot.__dict__.get("_anchor_owners")
     if owners is None or len(owners) != len(slot.anchors):
         owners = anchor_owners(tok, slot.edits, max_length)
@@ -249,12 +250,6 @@ def anchor_owners(tok, edits: Sequence[Dict], max_length: int) -> Optional[torch
         return None
     counts = torch.tensor([len(e.input_ids) - e.prompt_len for e in encoded])
     return torch.repeat_interleave(torch.arange(len(encoded)), counts)
-
-
-def subject_ids_of(requests: Sequence[Dict], subjects: Dict[str, int]) -> List[int]:
-    """The id in ``subjects`` of each request's subject (``-1``: none, or not in the pool)."""
-    return [subjects.get(r["subject"], -1) if isinstance(r.get("subject"), str) else -1
-            for r in requests]
 
 
 def train_slot(model: nn.Module, layer: LEMoELayer, slot_index: int,
@@ -290,10 +285,11 @@ def _train_slot(model, layer, slot_index, edits, tok, hp, progress, trace, negat
     full = collate(edits, _pad_id(tok), device)
     anchors = edit_queries(model, layer, full)[full.anchor_mask]
     slot.anchors = anchors.detach().clone()
+    owner = full.anchor_mask.nonzero()[:, 0].cpu()
+    slot.__dict__["_anchor_owners"] = owner  # read by negative_pool once the slot is frozen
     if negatives is not None and len(negatives):
         subjects = torch.tensor(list(edit_subjects) if edit_subjects is not None
                                 else [-1] * len(edits), dtype=torch.long)
-        owner = full.anchor_mask.nonzero()[:, 0].cpu()
         slot.radius = fit_radii(slot.anchors, subjects[owner], negatives, hp.radius_margin)
     else:
         slot.radius = torch.full((len(slot.anchors),), NO_RADIUS, device=device)

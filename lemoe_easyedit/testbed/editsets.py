@@ -27,6 +27,7 @@ edit set.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Sequence
@@ -164,8 +165,6 @@ def _with_neighbours(world: World, cases: List[EditCase], seed: int, model, toke
     drawn from their own seeded RNG (the edits themselves stay what they were before probes
     existed); with a model, a candidate the model does not complete exactly is passed over.
     """
-    from dataclasses import replace
-
     edited = {(c.subject, c.relation) for c in cases}
     rng = random.Random(f"neighbours-{seed}")
     people = list(world.entities)
@@ -206,7 +205,7 @@ def _with_neighbours(world: World, cases: List[EditCase], seed: int, model, toke
     out = []
     for c, probes in zip(cases, chosen):
         sr, ss = probes.get("same_relation"), probes.get("same_subject")
-        out.append(replace(c, same_relation_prompt=sr and sr[0],
+        out.append(dataclasses.replace(c, same_relation_prompt=sr and sr[0],
                            same_relation_ground_truth=sr and sr[1],
                            same_subject_prompt=ss and ss[0],
                            same_subject_ground_truth=ss and ss[1]))
