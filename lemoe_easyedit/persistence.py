@@ -364,9 +364,13 @@ def _pid_alive(pid: int) -> bool:
 # Load
 # ----------------------------------------------------------------------------------------
 
-def load_edits(model: nn.Module, directory: PathLike, *, replace: bool = False) -> LEMoELayer:
+def load_edits(model: nn.Module, directory: PathLike, *, replace: bool = False) -> nn.Module:
     """Attach the edits saved in ``directory`` to ``model`` (the base model they were made
-    on, freshly loaded); returns the adaptor layer.
+    on, freshly loaded, in any dtype and on any device or device map) and return ``model``.
+
+    PEFT's convention (``model = PeftModel.from_pretrained(model, dir)``):
+    ``model = load_edits(model, dir)``. The model is edited in place, so the returned object
+    is the one passed in; the adaptor layer is ``find_adaptor(model)``.
 
     Everything is checked before the model changes: the files exist, have the recorded size
     and SHA-256, the format version is known, the manifest agrees with the tensors (same
@@ -395,7 +399,7 @@ def load_edits(model: nn.Module, directory: PathLike, *, replace: bool = False) 
     if existing is not None:
         _detach(model, existing)
     _attach(model, layer, path)
-    return layer
+    return model
 
 
 def _save_dir(directory: Path) -> Path:

@@ -107,7 +107,8 @@ def test_load_reproduces_logits_exactly_and_editing_continues(tiny_models, tmp_p
     assert sorted(p.name for p in (tmp_path / "edits").iterdir()) == [TENSORS, MANIFEST]
 
     fresh, _ = load(path)
-    loaded = load_edits(fresh, tmp_path / "edits")
+    assert load_edits(fresh, tmp_path / "edits") is fresh   # PEFT's convention: the model
+    loaded = find_adaptor(fresh)
     assert torch.equal(ref, logits(fresh, tok, texts))
     assert len(loaded.slots) == len(layer.slots)
     assert [s.frozen for s in loaded.slots] == [s.frozen for s in layer.slots]
@@ -333,8 +334,8 @@ def test_load_into_an_edited_model_needs_replace(saved, tmp_path):
     assert same_state(before, state(model))
     fresh, _ = load(path)
     load_edits(fresh, src)
-    layer = load_edits(model, src, replace=True)
-    assert len(layer.slots) == 2
+    assert load_edits(model, src, replace=True) is model
+    assert len(find_adaptor(model).slots) == 2
     assert torch.equal(logits(model, tok, UNRELATED[:2]), logits(fresh, tok, UNRELATED[:2]))
     assert len(model._forward_pre_hooks) == len(fresh._forward_pre_hooks)
 
@@ -370,10 +371,11 @@ for name in ("LEMoEHyperParams", "apply_lemoe_to_model"):
         print("IMPORT-ERROR", name, exc)
     else:
         raise SystemExit(f"{name} imported without easyeditor")
-from lemoe_easyedit import load_edits, rollback, find_edit
+from lemoe_easyedit import find_adaptor, load_edits, rollback, find_edit
 ref = load_file(sys.argv[3])
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
-layer = load_edits(model, sys.argv[2])
+model = load_edits(model, sys.argv[2])
+layer = find_adaptor(model)
 assert type(layer.hparams).__name__ == "StoredHyperParams", type(layer.hparams)
 with torch.no_grad():
     out = model(input_ids=ref["input_ids"], attention_mask=ref["attention_mask"]).logits
@@ -651,7 +653,7 @@ def test_acceptance_radii_are_saved_and_a_save_without_them_still_loads(tiny_mod
     assert all(len(r) == len(s.anchors) for r, s in zip(radii, find_adaptor(model).slots))
     assert any(bool((r > -1).any()) for r in radii)   # fitted, not left empty
     save_edits(model, tmp_path / "edits")
-    loaded = load_edits(load(path)[0], tmp_path / "edits")
+    loaded = find_adaptor(load_edits(load(path)[0], tmp_path / "edits"))
     assert all(torch.equal(a, s.radius) for a, s in zip(radii, loaded.slots))
 
     # A save from before anchors had radii (format 1 without the tensor) loads, radius-less.
@@ -666,7 +668,7 @@ def test_acceptance_radii_are_saved_and_a_save_without_them_still_loads(tiny_mod
     blob = (old / TENSORS).read_bytes()
     manifest["tensors"].update(bytes=len(blob), sha256=hashlib.sha256(blob).hexdigest())
     (old / MANIFEST).write_text(json.dumps(manifest))
-    older = load_edits(load(path)[0], old)
+    older = find_adaptor(load_edits(load(path)[0], old))
     assert all(len(s.radius) == 0 for s in older.slots)
     # A radius of the wrong length is refused by name.
     tensors["slots.0.radius"] = torch.zeros(len(tensors["slots.0.anchors"]) + 1)
