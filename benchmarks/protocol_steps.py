@@ -1,6 +1,7 @@
 """Training steps and seconds of LEMoE's protocol mode, with K-means order planning on and
 off (the testbed YAML): the 100-edit blocks of the testbed stream against the whole stream
-in one call, each from a fresh model (the bench's protocol mode, ``bench._lemoe_protocol``).
+in one call, each from a fresh model (the bench's protocol mode,
+``lemoe_bench.workers._lemoe_protocol``).
 
 Splits the protocol-mode growth of ``bench.py`` into the method's part (training steps per
 edit: how soon the planned batches converge) and the rest::
@@ -15,9 +16,12 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import sys  # noqa: E402
+
 import torch  # noqa: E402
 
-from lemoe_easyedit.bench import _lemoe_protocol  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from lemoe_bench.workers import _lemoe_protocol  # noqa: E402
 from lemoe_easyedit.evaluation import load_hparams  # noqa: E402
 from lemoe_easyedit.testbed import testbed_edit_set, testbed_model_path, to_requests  # noqa: E402
 

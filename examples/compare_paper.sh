@@ -33,7 +33,7 @@ if [[ -n "${CHECKPOINTS:-}" ]]; then common+=(--checkpoints "$CHECKPOINTS"); fi
 run() {  # run NAME ARGS...
   local name="$1"; shift
   echo "== $name"
-  "$PYTHON" -m lemoe_easyedit.runner compare --methods $METHODS "${common[@]}" \
+  "$PYTHON" -m lemoe_easyedit.cli compare --methods $METHODS "${common[@]}" \
     --out "$OUT/$name" "$@" || echo "!! $name: some method failed, see $OUT/$name"
 }
 

@@ -19,7 +19,7 @@ common=(--methods LEMoE ROME MEMIT GRACE FT
         --hparams-dir hparams --hparams-name testbed-llama
         --skip-malformed --subject-aligned --num-edits 900 --chunk 100
         --stats-dir "${STATS_DIR:-results/stats}" --seed 0 --threads 1)
-"$PYTHON" -m lemoe_easyedit.runner compare "${common[@]}" --data zsre \
+"$PYTHON" -m lemoe_easyedit.cli compare "${common[@]}" --data zsre \
   --data-path "$DATA/zsre/zsre_mend_train-1k.json" --out "$OUT/zsre"
-"$PYTHON" -m lemoe_easyedit.runner compare "${common[@]}" --data counterfact \
+"$PYTHON" -m lemoe_easyedit.cli compare "${common[@]}" --data counterfact \
   --data-path "$DATA/counterfact/counterfact-edit-1k.json" --out "$OUT/counterfact"

@@ -22,12 +22,12 @@ common=(--methods LEMoE ROME MEMIT GRACE FT
         --hparams-dir hparams --hparams-name testbed-llama
         --data testbed --num-edits 1000 --chunk 1000
         --stats-dir "${STATS_DIR:-results/stats}" --seed 0 --threads 1)
-"$PYTHON" -m lemoe_easyedit.runner compare "${common[@]}" --out "$OUT/final"
+"$PYTHON" -m lemoe_easyedit.cli compare "${common[@]}" --out "$OUT/final"
 if [[ "${CURVE:-1}" == 1 ]]; then
-  "$PYTHON" -m lemoe_easyedit.runner compare "${common[@]}" --checkpoints 100 --out "$OUT/curve"
+  "$PYTHON" -m lemoe_easyedit.cli compare "${common[@]}" --checkpoints 100 --out "$OUT/curve"
 fi
 if [[ "${T3000:-1}" == 1 ]]; then
-  "$PYTHON" -m lemoe_easyedit.runner compare --methods LEMoE GRACE FT \
+  "$PYTHON" -m lemoe_easyedit.cli compare --methods LEMoE GRACE FT \
     --hparams-dir hparams --hparams-name testbed-llama --data testbed \
     --num-edits 3000 --chunk 3000 --seed 0 --threads 1 --out "$OUT/T3000"
 fi

@@ -22,7 +22,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from lemoe_easyedit import runner  # noqa: E402
+from lemoe_easyedit.evaluation import runner  # noqa: E402
 from lemoe_easyedit.testbed import (load_testbed, make_edit_set, testbed_model_path,  # noqa: E402
                                     to_requests)
 

@@ -39,9 +39,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from lemoe_easyedit import data as data_mod  # noqa: E402
+from lemoe_easyedit.evaluation import data as data_mod  # noqa: E402
 from lemoe_easyedit import evaluation as ev  # noqa: E402
-from lemoe_easyedit import runner  # noqa: E402
+from lemoe_easyedit.evaluation import runner  # noqa: E402
 
 #: method -> {hparams field: values}; the product is swept.
 GRIDS: Dict[str, Dict[str, list]] = {

@@ -1,54 +1,91 @@
 """LEMoE lifelong model editing as an EasyEdit method.
 
-Importing this package makes the installed EasyEdit work here (see :mod:`.compat`) and
-registers ``LEMoE`` in its ``ALG_DICT``, so that::
+Taking ``LEMoEHyperParams`` (or ``apply_lemoe_to_model``) from this package makes the
+installed EasyEdit work here (see :mod:`.easyedit`) and registers ``LEMoE`` in its
+``ALG_DICT``, so that::
 
-    from easyeditor import BaseEditor
     from lemoe_easyedit import LEMoEHyperParams
-    editor = BaseEditor.from_hparams(LEMoEHyperParams.from_hparams("hparams/LEMoE/llama-7b.yaml"))
+    from easyeditor import BaseEditor
+    editor = BaseEditor.from_hparams(LEMoEHyperParams.from_hparams("llama-7b"))
 
-edits with LEMoE through ``editor.edit(...)`` and ``editor.batch_edit(...)``.
+edits with LEMoE through ``editor.edit(...)`` and ``editor.batch_edit(...)``. Take
+``LEMoEHyperParams`` before importing ``easyeditor`` when that is the 2023 registry release:
+the release only runs here when :mod:`.easyedit` imports it. :func:`register` does the same
+without taking a name.
 
-Deploying edits needs no EasyEdit: without it, ``import lemoe_easyedit`` still works and
+Names load on first use (as in ``transformers``), so ``import lemoe_easyedit`` and the
+command line's ``--help`` cost no EasyEdit import. Deploying edits needs no EasyEdit:
 :func:`save_edits`, :func:`load_edits`, :func:`rollback`, :func:`find_edit` and
-:func:`remove_edit` are available; only the EasyEdit-facing names (``LEMoEHyperParams``,
-``apply_lemoe_to_model``) raise ImportError naming the install command.
+:func:`remove_edit` work without it; only the EasyEdit-facing names raise ImportError, with
+the reason EasyEdit could not be imported.
 """
 
-from typing import Any, Optional
+import importlib
+import sys
+from typing import Any, List
 
-from .compat import INSTALL_COMMAND, load_easyeditor, register_method
-from .injection import find_adaptor, remove_adaptor
-from .persistence import (EditLocation, EditsFileError, find_edit, load_edits, remove_edit,
-                          rollback, save_edits)
+__version__ = "0.1.0"
 
-_EASYEDIT_NAMES = ("LEMoEHyperParams", "apply_lemoe_to_model")
-_EASYEDIT_ERROR: Optional[ImportError]
+#: Public name -> the module defining it (imported on first access).
+_NAMES = {
+    "find_adaptor": ".injection",
+    "remove_adaptor": ".injection",
+    "save_edits": ".persistence",
+    "load_edits": ".persistence",
+    "rollback": ".persistence",
+    "find_edit": ".persistence",
+    "remove_edit": ".persistence",
+    "EditLocation": ".persistence",
+    "EditsFileError": ".persistence",
+}
+#: Names that need EasyEdit: taking one loads it and registers LEMoE.
+_EASYEDIT_NAMES = {
+    "LEMoEHyperParams": ".hparams",
+    "apply_lemoe_to_model": ".editing",
+}
 
-try:
+
+def register() -> None:
+    """Load EasyEdit through :mod:`.easyedit` and register LEMoE in its ``ALG_DICT``
+    (idempotent). Raises ImportError saying why EasyEdit could not be imported."""
+    from .easyedit import load_easyeditor, register_method
+
     load_easyeditor()
-except ImportError as exc:
-    _EASYEDIT_ERROR = exc
-else:
-    _EASYEDIT_ERROR = None
-    from .editing import apply_lemoe_to_model  # noqa: E402
-    from .hparams import LEMoEHyperParams  # noqa: E402
+    from .editing import apply_lemoe_to_model
+    from .hparams import LEMoEHyperParams
 
     register_method("LEMoE", apply_lemoe_to_model, LEMoEHyperParams)
 
 
 def __getattr__(name: str) -> Any:
-    """Explain, for the EasyEdit-facing names, that EasyEdit is missing and how to get it."""
-    if name in _EASYEDIT_NAMES and _EASYEDIT_ERROR is not None:
-        raise ImportError(
-            f"lemoe_easyedit.{name} needs EasyEdit, which is not importable here. Install it "
-            f"with `{INSTALL_COMMAND}`. (save_edits, load_edits, rollback, find_edit and "
-            f"remove_edit work without it.)", name=name) from _EASYEDIT_ERROR
-    raise AttributeError(f"module 'lemoe_easyedit' has no attribute {name!r}")
+    if name in _EASYEDIT_NAMES:
+        try:
+            register()
+        except ImportError as exc:
+            raise ImportError(
+                f"lemoe_easyedit.{name} needs EasyEdit, which could not be imported: {exc} "
+                "(save_edits, load_edits, rollback, find_edit and remove_edit work "
+                "without it.)", name=name) from exc
+        module = _EASYEDIT_NAMES[name]
+    elif name in _NAMES:
+        module = _NAMES[name]
+    else:
+        raise AttributeError(f"module 'lemoe_easyedit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
 
 
-__all__ = ["find_adaptor", "remove_adaptor", "save_edits", "load_edits", "rollback",
-           "find_edit", "remove_edit", "EditLocation", "EditsFileError"]
-if _EASYEDIT_ERROR is None:
-    __all__ += list(_EASYEDIT_NAMES)
-__version__ = "0.1.0"
+def __dir__() -> List[str]:
+    return sorted(set(globals()) | set(_NAMES) | set(_EASYEDIT_NAMES))
+
+
+__all__ = list(_NAMES) + list(_EASYEDIT_NAMES) + ["register"]
+
+# An easyeditor already imported costs nothing more to register with; the user may look up
+# "LEMoE" in its ALG_DICT before taking any of our names.
+if "easyeditor" in sys.modules:
+    try:
+        register()
+    except ImportError:
+        pass  # reported, with its cause, when an EasyEdit-facing name is taken

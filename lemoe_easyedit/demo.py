@@ -41,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def demo_command(args: argparse.Namespace) -> int:
     """Run the demo with parsed ``args``; returns the exit code."""
     from . import LEMoEHyperParams, apply_lemoe_to_model, find_adaptor
-    from .evaluation import score_requests, target_token_ids
+    from .evaluation.scoring import score_requests, target_token_ids
     from .testbed import load_edit_set, load_testbed, testbed_model_path
 
     if args.num_edits < 1:
@@ -100,7 +100,7 @@ def demo_command(args: argparse.Namespace) -> int:
 
 def _rows(summary: Dict) -> List[str]:
     """The metrics shown: Rel, Gen, Loc (mean over kinds) and Loc of each probe kind."""
-    from .evaluation import locality_kinds
+    from .evaluation.scoring import locality_kinds
 
     kinds = locality_kinds([summary])
     rows = []
@@ -131,7 +131,7 @@ def _fmt(v) -> str:
 
 
 def _examples(base, edited, tok, requests: List[dict], target_token_ids) -> List[dict]:
-    from .evaluation import greedy_generate
+    from .evaluation.scoring import greedy_generate
 
     shown = []
     for r in requests:

@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from . import compat
+from . import easyedit
 from .injection import find_adaptor, inject_adaptor, remove_adaptor
 from .layer import LEMoELayer
 from .ordering import EditOrderPlanner
@@ -60,7 +60,7 @@ def apply_lemoe_to_model(model: nn.Module, tok, requests: Sequence[Dict], hparam
     layer = inject_adaptor(model, hparams)
     try:
         prune_disabled(layer)
-        callable_restore = compat.uses_callable_restore()
+        callable_restore = easyedit.uses_callable_restore()
         transient = keep_original_weight and not callable_restore
         before = _snapshot(layer)
         n_slots = len(layer.slots)

@@ -11,10 +11,10 @@ from typing import Any, Dict, Optional, Union
 
 import yaml
 
-from .compat import load_easyeditor
+from .easyedit import load_easyeditor
 
 load_easyeditor()
-from easyeditor.util.hparams import HyperParams  # noqa: E402  (needs the compat layer first)
+from easyeditor.util.hparams import HyperParams  # noqa: E402  (needs the bridge first)
 
 EXPERT_FORMS = ("ffn", "lora")
 EXPERT_INITS = ("copy", "random")

@@ -2,8 +2,12 @@
 
 import os
 import random
+import sys
+from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
+# The bench harness (benchmarks/lemoe_bench) is not part of the installed package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402

@@ -16,7 +16,7 @@ import yaml
 
 from conftest import CORPUS, fact_requests
 from lemoe_easyedit import evaluation as ev
-from lemoe_easyedit import runner
+from lemoe_easyedit.evaluation import runner
 
 REPO = Path(__file__).resolve().parents[1]
 HP = REPO / "hparams"
@@ -112,7 +112,7 @@ def test_compare_writes_one_table_and_plot(setup, tmp_path):
 
 @pytest.mark.skipif(not _testbed_ready(), reason="the embedded testbed is not in this checkout")
 def test_lemoe_on_the_testbed_T50():
-    from lemoe_easyedit import data as data_mod
+    from lemoe_easyedit.evaluation import data as data_mod
 
     torch.set_num_threads(1)
     args = argparse.Namespace(model=None, device=None, stats_dir=None, mom2_dataset=None,

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from lemoe_easyedit import data
-from lemoe_easyedit.data import MalformedRecordError
+from lemoe_easyedit.evaluation import data
+from lemoe_easyedit.evaluation.data import MalformedRecordError
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
@@ -278,7 +278,7 @@ def test_subject_aligned_drops_exactly_what_easyedits_subject_index_gets_wrong()
 
 
 def test_runner_subject_aligned_flag_filters_and_records(tmp_path):
-    from lemoe_easyedit import runner
+    from lemoe_easyedit.evaluation import runner
 
     records = [{"prompt": "Cadillac Escalade, produced by", "subject": "Cadillac Escalade",
                 "target_new": "Honda", "ground_truth": "GM",

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from conftest import UNRELATED, fact_requests
-from lemoe_easyedit import compat, evaluation as ev
+from lemoe_easyedit import easyedit, evaluation as ev
+from lemoe_easyedit.easyedit import registry
 
 
 @dataclass
@@ -44,12 +45,12 @@ def fake_break(model, tok, requests, hparams, **kwargs):
 def fake_methods():
     from easyeditor.util.alg_dict import ALG_DICT
 
-    compat.register_method("FAKE_NOOP", fake_noop)
-    compat.register_method("FAKE_BREAK", fake_break)
+    easyedit.register_method("FAKE_NOOP", fake_noop)
+    easyedit.register_method("FAKE_BREAK", fake_break)
     yield
     for name in ("FAKE_NOOP", "FAKE_BREAK"):
         ALG_DICT.pop(name, None)
-        compat._EXTRA_BATCHABLE.discard(name)
+        registry._EXTRA_BATCHABLE.discard(name)
 
 
 @pytest.fixture()

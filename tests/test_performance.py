@@ -101,9 +101,11 @@ def test_training_leaves_no_gradient_state(tiny_models):
     layer = find_adaptor(model)
     assert len(layer.slots) == 3
     assert all(p.grad is None for p in model.parameters())
-    for slot in layer.slots:
+    assert layer.open_slot is layer.slots[2]   # partly filled (2 of 5): open for the next call
+    for slot in layer.slots[:2]:
         assert slot.frozen
         assert not any(p.requires_grad for p in slot.parameters())
+    assert all(p.grad is None for p in layer.slots[2].parameters())
     assert all(p.requires_grad == r for p, r in requires.items())  # base model untouched
     gc.collect()
     with warnings.catch_warnings():  # isinstance() on some torch objects warns
@@ -317,7 +319,7 @@ def test_one_expert_for_every_position_takes_the_fast_path(tiny_models):
 
 @pytest.mark.slow
 def test_benchmark_runs_end_to_end_at_a_tiny_size(tiny_models, tmp_path):
-    from lemoe_easyedit import bench
+    import lemoe_bench as bench
 
     out = tmp_path / "bench"
     status = bench.main([
@@ -462,7 +464,7 @@ def test_serving_path_gives_the_routes_and_outputs_of_the_general_path(tiny_mode
 
 
 def test_marginal_time_per_edit_counts_the_calls_ending_in_the_window():
-    from lemoe_easyedit.bench import _marginal_per_edit
+    from lemoe_bench.workers import _marginal_per_edit
 
     calls = [{"edits": 4, "seconds": 1.0}, {"edits": 8, "seconds": 2.0},
              {"edits": 12, "seconds": 3.0}]

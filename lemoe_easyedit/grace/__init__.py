@@ -10,7 +10,7 @@ See :mod:`.adapter` for the codebook rules and this implementation's choices.
 
 from __future__ import annotations
 
-from ..compat import load_easyeditor, register_method
+from ..easyedit import load_easyeditor, register_method
 from .adapter import EARLY_STOP_LOSS, GraceAdapter, find_grace
 from .hparams import GraceHyperParams
 from .main import apply_grace_to_model, edit_one, inject_grace, remove_grace

@@ -13,7 +13,7 @@ from typing import Any, List, Union
 
 import yaml
 
-from ..compat import load_easyeditor
+from ..easyedit import load_easyeditor
 
 load_easyeditor()
 from easyeditor.util.hparams import HyperParams  # noqa: E402

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import compat
+from .. import easyedit
 from .adapter import EARLY_STOP_LOSS, GraceAdapter, find_grace
 from .hparams import GraceHyperParams
 
@@ -193,7 +193,7 @@ def apply_grace_to_model(model: nn.Module, tok, requests: Sequence[Dict],
         adapter.edit_counter = counter
         raise
     adapter.history = log
-    if compat.uses_callable_restore():
+    if easyedit.uses_callable_restore():
         return model, lambda: adapter.load_snapshot(before)
     if keep_original_weight:
         k_before = before["keys"].shape[0]

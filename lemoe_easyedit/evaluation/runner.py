@@ -2,9 +2,9 @@
 
 ::
 
-    python -m lemoe_easyedit.runner run --method LEMoE --hparams hparams/LEMoE/testbed-llama.yaml \\
+    lemoe-easyedit run --method LEMoE --hparams hparams/LEMoE/testbed-llama.yaml \\
         --data testbed --num-edits 100 --chunk 50 --checkpoints 10 --out results/lemoe
-    python -m lemoe_easyedit.runner compare --methods LEMoE ROME MEMIT GRACE FT \\
+    lemoe-easyedit compare --methods LEMoE ROME MEMIT GRACE FT \\
         --data testbed --num-edits 100 --out results/compare
 
 ``run`` edits and scores one method and writes ``OUT/results.json`` (per-edit and summary
@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 __all__ = ["add_run_arguments", "run_command", "add_compare_arguments", "compare_command",
-           "run", "compare", "plot_curves", "REPO_ROOT", "DEFAULT_HPARAMS_DIR",
+           "run", "compare", "REPO_ROOT", "DEFAULT_HPARAMS_DIR",
            "TESTBED_CORPUS"]
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parent.parent
 #: The checkout (or install prefix) holding ``hparams/``.
 REPO_ROOT = PACKAGE_DIR.parent
 DEFAULT_HPARAMS_DIR = REPO_ROOT / "hparams"
@@ -169,7 +169,7 @@ def select_requests(requests: Sequence[dict], num_edits: Optional[int], offset: 
 def write_testbed_corpus(directory: os.PathLike) -> Path:
     """Write the testbed world's training text (one sentence a line) under ``directory``
     and return the file: ROME/MEMIT's second-moment statistics for the testbed model."""
-    from . import testbed
+    from .. import testbed
 
     world = testbed.load_world() if hasattr(testbed, "load_world") else None
     if world is None:
@@ -189,7 +189,7 @@ def write_testbed_corpus(directory: os.PathLike) -> Path:
 
 def prepare_hparams(method: str, hparams_path: str, args: argparse.Namespace):
     """Load the hparams and apply the command-line overrides and path resolution."""
-    from .evaluation import load_hparams
+    from .methods import load_hparams
 
     hp = load_hparams(method, _resolve_path(hparams_path, must_exist=True))
     if args.model is not None:
@@ -222,7 +222,7 @@ def _subject_aligned(requests: List[dict], hp) -> Tuple[List[dict], List[int]]:
     import warnings
 
     from .data import subject_aligned
-    from .evaluation import load_tokenizer
+    from .models import load_tokenizer
 
     kept, dropped = subject_aligned(requests, load_tokenizer(hp))
     ids = [requests[i].get("case_id", i) for i in dropped]
@@ -239,7 +239,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     import torch
 
     from . import data as data_mod
-    from .evaluation import run_protocol, summary_table
+    from .protocol import run_protocol
+    from .report import summary_table
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -258,7 +259,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     if metric == "auto":
         metric = "ppl" if args.data == "hallucination" else "token_em"
     if args.data == "testbed" and path is None:
-        from . import testbed
+        from .. import testbed
 
         path_label = f"testbed edit set {getattr(testbed, 'DEFAULT_EDIT_SET', 'default')}"
     else:
@@ -278,7 +279,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                                restore=args.restore, progress=not args.no_progress,
                                quiet=True, log=log, data_info=data_info)
     results["hparams_file"] = str(args.hparams)
-    results["command"] = [sys.executable, "-m", "lemoe_easyedit.runner"] + list(
+    results["command"] = [sys.executable, "-m", "lemoe_easyedit.evaluation.runner"] + list(
         getattr(args, "_argv", []) or [])
     with open(out / "results.json", "w", encoding="utf-8") as f:
         json.dump(results, f, indent=1)
@@ -290,7 +291,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
 
 def run_command(args: argparse.Namespace) -> int:
     """``run`` subcommand: returns the exit status."""
-    from .evaluation import summary_table
+    from .report import summary_table
 
     results = run(args)
     print(summary_table([results]))
@@ -338,7 +339,7 @@ def _subprocess_env() -> Dict[str, str]:
 
 def compare(args: argparse.Namespace) -> Dict[str, Any]:
     """Run every method in its own process; write and return the combined table."""
-    from .evaluation import summary_table
+    from .report import summary_table
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -347,7 +348,8 @@ def compare(args: argparse.Namespace) -> Dict[str, Any]:
         method, hp_path = _method_hparams(spec, args)
         method_out = out / method
         method_out.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "lemoe_easyedit.runner", "run", "--method", method,
+        cmd = [sys.executable, "-m", "lemoe_easyedit.evaluation.runner", "run",
+               "--method", method,
                "--hparams", hp_path, "--out", str(method_out)] + _forwarded_flags(args)
         t0 = time.time()
         status, error = "ok", None
@@ -409,6 +411,8 @@ def compare(args: argparse.Namespace) -> Dict[str, Any]:
     (out / "compare.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     if results:
         p0 = results[0]["protocol"]
+        from .report import plot_curves
+
         plot_curves(results, out / "compare.png",
                     title=f"{args.data}: T={p0['chunk_size']}, {p0['n_chunks']} chunk(s), "
                           f"scored after every edit so far")
@@ -427,63 +431,12 @@ def compare_command(args: argparse.Namespace) -> int:
     return 0 if all(r["status"] == "ok" for r in combined["rows"]) else 1
 
 
-def plot_curves(results: Sequence[dict], path: os.PathLike, title: str = "") -> Path:
-    """One PNG: Rel / Gen / Loc (or PPL) against the number of edits, a line per method;
-    token accuracy solid, greedy exact match dashed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ppl = any(r.get("protocol", {}).get("eval_metric") == "ppl" for r in results)
-    panels = ([("rel_ppl", None, "Rel PPL (lower is better)"),
-               ("loc", None, "Loc")] if ppl else
-              [("rel", "rel_em", "Rel"), ("gen", "gen_em", "Gen"), ("loc", "loc_em", "Loc")])
-    from .evaluation import locality_kinds
-
-    kinds = locality_kinds([p for r in results for p in r.get("checkpoints") or []])
-    if len(kinds) > 1:  # Loc is then the mean over kinds; each kind gets its own panel
-        panels[-1] = ("loc", "loc_em", "Loc (mean over kinds)")
-        panels += [(f"loc:{k}", f"loc_em:{k}", f"Loc, {k.replace('_', ' ')}") for k in kinds]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, (key, em_key, label) in zip(axes[0], panels):
-        for i, r in enumerate(results):
-            pts = r.get("checkpoints") or []
-            xs = [p["edits"] for p in pts if p.get(key) is not None]
-            ys = [p[key] for p in pts if p.get(key) is not None]
-            color = colors[i % len(colors)]
-            if xs:
-                ax.plot(xs, ys, marker="o", color=color, label=r["method"])
-            if em_key:
-                xe = [p["edits"] for p in pts if p.get(em_key) is not None]
-                ye = [p[em_key] for p in pts if p.get(em_key) is not None]
-                if xe:
-                    ax.plot(xe, ye, marker="x", linestyle="--", color=color, alpha=0.7)
-        ax.set_title(label)
-        ax.set_xlabel("edits so far")
-        if not key.endswith("ppl"):
-            ax.set_ylim(-0.02, 1.02)
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
-    if not ppl:
-        axes[0][-1].annotate("solid: token accuracy (EasyEdit)\ndashed: greedy exact match",
-                             xy=(0.02, 0.02), xycoords="axes fraction", fontsize=7)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
 # ----------------------------------------------------------------------- entry point
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="python -m lemoe_easyedit.runner",
+    parser = argparse.ArgumentParser(prog="python -m lemoe_easyedit.evaluation.runner",
                                      description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     add_run_arguments(sub.add_parser("run", help="one method under the lifelong protocol"))

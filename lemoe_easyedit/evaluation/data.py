@@ -434,7 +434,7 @@ def load_testbed(edit_set: Optional[str] = None, skip_malformed: bool = False) -
             and Path(edit_set).is_file():
         return load_records(edit_set, "requests", skip_malformed)
     try:
-        from . import testbed
+        from .. import testbed
     except ImportError as exc:  # pragma: no cover - the testbed ships with the package
         raise RuntimeError(f"the embedded testbed is not available: {exc}") from exc
     loader = getattr(testbed, "load_edit_set", None)

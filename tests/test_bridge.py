@@ -1,4 +1,4 @@
-"""Tests of lemoe_easyedit.compat: the EasyEdit release imported and running ROME, MEMIT and
+"""Tests of lemoe_easyedit.easyedit (the EasyEdit bridge): the EasyEdit release imported and running ROME, MEMIT and
 FT on tiny local models on CPU, the scoping of every patch, and the upstream form.
 
 No network: models and tokenizers are built locally, statistics come from a local file.
@@ -23,9 +23,9 @@ import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-COMPAT_FILE = REPO / "lemoe_easyedit" / "compat.py"
 
-from lemoe_easyedit import compat  # noqa: E402
+from lemoe_easyedit import easyedit as bridge  # noqa: E402
+from lemoe_easyedit.easyedit import baselines, devices, registry, release  # noqa: E402
 from lemoe_easyedit.testing import DEFAULT_CORPUS, build_tiny_model  # noqa: E402
 
 TEMPLATES = {
@@ -69,17 +69,16 @@ def run_python(cwd: Path, *parts: str, timeout: int = 180) -> subprocess.Complet
     return proc
 
 
-# Loads compat.py by path, so the subprocess does not depend on lemoe_easyedit/__init__.py.
-LOAD_COMPAT = f"""
-import importlib.util, sys
-_spec = importlib.util.spec_from_file_location("lemoe_compat_standalone", {str(COMPAT_FILE)!r})
-compat = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = compat
-_spec.loader.exec_module(compat)
+# The bridge alone: lemoe_easyedit/__init__.py imports nothing eagerly.
+LOAD_BRIDGE = f"""
+import sys
+sys.path.insert(1, {str(REPO)!r})
+from lemoe_easyedit import easyedit as bridge
+from lemoe_easyedit.easyedit import devices, registry, release
 """
 
 # A plain import of the release, with placeholders for the optional packages and the
-# transformers names it needs, written independently of compat.
+# transformers names it needs, written independently of bridge.
 PLAIN_IMPORT = """
 import importlib.abc, importlib.machinery, importlib.util, sys, types
 import transformers.modeling_utils as _mu, transformers.pytorch_utils as _pu
@@ -125,7 +124,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def ee():
-    return compat.load_easyeditor()
+    return bridge.load_easyeditor()
 
 
 @pytest.fixture(scope="module")
@@ -172,35 +171,35 @@ def numbers(tree):
 def test_resolve_device_on_this_machine():
     cuda = torch.cuda.is_available()
     expected_index = torch.device("cuda", 0) if cuda else torch.device("cpu")
-    assert compat.resolve_device(0) == expected_index
-    assert compat.resolve_device("0") == expected_index
-    assert compat.resolve_device(0.0) == expected_index  # EasyEdit's YAML loader floats "0"
-    assert compat.resolve_device(-1) == torch.device("cpu")
-    assert compat.resolve_device("cpu") == torch.device("cpu")
-    assert compat.resolve_device(torch.device("cpu")) == torch.device("cpu")
+    assert bridge.resolve_device(0) == expected_index
+    assert bridge.resolve_device("0") == expected_index
+    assert bridge.resolve_device(0.0) == expected_index  # EasyEdit's YAML loader floats "0"
+    assert bridge.resolve_device(-1) == torch.device("cpu")
+    assert bridge.resolve_device("cpu") == torch.device("cpu")
+    assert bridge.resolve_device(torch.device("cpu")) == torch.device("cpu")
     if not cuda:
         with pytest.warns(RuntimeWarning):
-            assert compat.resolve_device("cuda:1") == torch.device("cpu")
+            assert bridge.resolve_device("cuda:1") == torch.device("cpu")
     else:
-        assert compat.resolve_device("cuda:1") == torch.device("cuda", 1)
+        assert bridge.resolve_device("cuda:1") == torch.device("cuda", 1)
     mps = getattr(torch.backends, "mps", None)
     if mps is None or not mps.is_available():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            assert compat.resolve_device("mps") == torch.device("cpu")
+            assert bridge.resolve_device("mps") == torch.device("cpu")
     with pytest.raises(TypeError):
-        compat.resolve_device(True)
+        bridge.resolve_device(True)
 
 
 # ------------------------------------------------------------- loading the release
 
 
 def test_load_is_idempotent_and_release_detected(ee):
-    assert compat.load_easyeditor() is ee
+    assert bridge.load_easyeditor() is ee
     assert ee.__name__ == "easyeditor"
-    assert compat.is_release() and compat.is_release(ee)
-    assert not compat.uses_callable_restore()
-    finders = [f for f in sys.meta_path if isinstance(f, compat._ReleaseSourceFinder)]
+    assert bridge.is_release() and bridge.is_release(ee)
+    assert not bridge.uses_callable_restore()
+    finders = [f for f in sys.meta_path if isinstance(f, devices._ReleaseSourceFinder)]
     assert len(finders) == 1
 
 
@@ -220,11 +219,11 @@ def test_fresh_processes_scoped_patches_and_clean_bytecode(tmp_path):
 
     package_dir = Path(importlib.util.find_spec("easyeditor").origin).parent
     before = _pycache_snapshot(package_dir)
-    code = LOAD_COMPAT, """
+    code = LOAD_BRIDGE, """
     import importlib.util, logging, sys, torch, transformers
     import transformers.modeling_utils as mu
-    names = compat._REMOVED_MODELING_UTILS
-    optional = list(compat._OPTIONAL_PACKAGES)
+    names = release._REMOVED_MODELING_UTILS
+    optional = list(release._OPTIONAL_PACKAGES)
     missing = [r for r in optional if importlib.util.find_spec(r) is None]
     logging.getLogger().setLevel(logging.WARNING)
     before = dict(
@@ -236,8 +235,8 @@ def test_fresh_processes_scoped_patches_and_clean_bytecode(tmp_path):
         from_pretrained=transformers.AutoModelForCausalLM.from_pretrained.__func__,
         decoder_forward=transformers.LlamaForCausalLM.forward,
     )
-    ee = compat.load_easyeditor()
-    assert compat.load_easyeditor() is ee
+    ee = bridge.load_easyeditor()
+    assert bridge.load_easyeditor() is ee
     after = dict(
         modeling_utils={n: hasattr(mu, n) for n in names},
         root_level=logging.getLogger().level,
@@ -277,7 +276,7 @@ def test_fresh_processes_scoped_patches_and_clean_bytecode(tmp_path):
     assert _pycache_snapshot(package_dir) == before, "bytecode written for easyeditor"
 
     # Stale rewritten bytecode would show up here as __lemoe_device__ in the code.
-    code = PLAIN_IMPORT, LOAD_COMPAT, """
+    code = PLAIN_IMPORT, LOAD_BRIDGE, """
     import warnings
     eu = sys.modules["easyeditor.evaluate.evaluate_utils"]
     names = eu.test_batch_prediction_acc.__code__.co_names
@@ -285,7 +284,7 @@ def test_fresh_processes_scoped_patches_and_clean_bytecode(tmp_path):
     assert "__lemoe_device__" not in vars(eu)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        ee = compat.load_easyeditor()
+        ee = bridge.load_easyeditor()
     assert ee is sys.modules["easyeditor"]
     assert any("imported before" in str(w.message) for w in caught), caught
     nethook = sys.modules["easyeditor.util.nethook"]
@@ -298,11 +297,11 @@ def test_fresh_processes_scoped_patches_and_clean_bytecode(tmp_path):
 
 
 def test_missing_easyeditor_names_the_install_command(tmp_path):
-    code = LOAD_COMPAT, """
+    code = LOAD_BRIDGE, """
     import sys
     sys.modules["easyeditor"] = None  # the standard way to make a package unimportable
     try:
-        compat.load_easyeditor()
+        bridge.load_easyeditor()
     except ImportError as exc:
         assert "pip install --no-deps easyeditor==0.0.1.dev0" in str(exc), str(exc)
         print("OK")
@@ -327,18 +326,18 @@ def test_register_method_release(ee):
     editor_mod = sys.modules["easyeditor.editors.editor"]
     batch_editor = sys.modules["easyeditor.editors.batch_editor"].BatchEditor
     try:
-        compat.register_method("LEMOE_COMPAT_TEST", apply_fn, LemoeCompatTestHyperParams)
+        bridge.register_method("LEMOE_COMPAT_TEST", apply_fn, LemoeCompatTestHyperParams)
         assert alg_dict_mod.ALG_DICT["LEMOE_COMPAT_TEST"] is apply_fn
         assert editor_mod.ALG_DICT is alg_dict_mod.ALG_DICT
         assert batch_editor.is_batchable_method("LEMOE_COMPAT_TEST")
         assert batch_editor.is_batchable_method("MEMIT")  # the release's names still hold
         assert not batch_editor.is_batchable_method("ROME")
         assert ee.LemoeCompatTestHyperParams is LemoeCompatTestHyperParams
-        compat.register_method("LEMOE_COMPAT_TEST", apply_fn)  # again: harmless
+        bridge.register_method("LEMOE_COMPAT_TEST", apply_fn)  # again: harmless
         assert not hasattr(alg_dict_mod, "CALLABLE_RESTORE_ALGS")
     finally:
         alg_dict_mod.ALG_DICT.pop("LEMOE_COMPAT_TEST", None)
-        compat._EXTRA_BATCHABLE.discard("LEMOE_COMPAT_TEST")
+        registry._EXTRA_BATCHABLE.discard("LEMOE_COMPAT_TEST")
         if getattr(ee, "LemoeCompatTestHyperParams", None) is LemoeCompatTestHyperParams:
             delattr(ee, "LemoeCompatTestHyperParams")
 
@@ -365,14 +364,14 @@ def test_upstream_shaped_package_is_used_unpatched(tmp_path):
     for name, text in files.items():
         (pkg / name).parent.mkdir(parents=True, exist_ok=True)
         (pkg / name).write_text(text)
-    code = f"import sys\nsys.path.insert(0, {str(pkg.parent)!r})\n", LOAD_COMPAT, """
-    ee = compat.load_easyeditor()
+    code = f"import sys\nsys.path.insert(0, {str(pkg.parent)!r})\n", LOAD_BRIDGE, """
+    ee = bridge.load_easyeditor()
     assert ee.__file__.startswith(sys.path[0]), ee.__file__
-    assert compat.is_release() is False and compat.is_release(ee) is False
-    assert compat.uses_callable_restore() is True
+    assert bridge.is_release() is False and bridge.is_release(ee) is False
+    assert bridge.uses_callable_restore() is True
     def apply_lemoe(model, tok, requests, hparams, **kwargs):
         return model, (lambda: None)
-    compat.register_method("LEMoE", apply_lemoe)
+    bridge.register_method("LEMoE", apply_lemoe)
     alg = sys.modules["easyeditor.util.alg_dict"]
     editor = sys.modules["easyeditor.editors.editor"]
     assert alg.ALG_DICT["LEMoE"] is apply_lemoe and editor.ALG_DICT is alg.ALG_DICT
@@ -381,7 +380,7 @@ def test_upstream_shaped_package_is_used_unpatched(tmp_path):
     # Unpatched: no device rewriting, no wrapped BaseEditor.
     assert "__lemoe_device__" not in vars(editor)
     assert not hasattr(editor.BaseEditor.__init__, "_lemoe_patched")
-    assert not any(isinstance(f, compat._ReleaseSourceFinder) for f in sys.meta_path)
+    assert not any(isinstance(f, devices._ReleaseSourceFinder) for f in sys.meta_path)
     print("OK")
     """
     assert "OK" in run_python(tmp_path, *code).stdout
@@ -431,12 +430,12 @@ def test_rome_and_memit_run_with_right_padding(ee):
         padding_side = "left"
 
     seen = []
-    wrapped = compat._with_right_padding(lambda model, tok, *a, **k: seen.append(tok.padding_side))
+    wrapped = baselines.with_right_padding(lambda model, tok, *a, **k: seen.append(tok.padding_side))
     tok = Tok()
     wrapped(None, tok, [], None)
     assert seen == ["right"] and tok.padding_side == "left"
     with pytest.raises(ZeroDivisionError):
-        compat._with_right_padding(lambda model, tok: 1 / 0)(None, tok)
+        baselines.with_right_padding(lambda model, tok: 1 / 0)(None, tok)
     assert tok.padding_side == "left"
 
 
@@ -516,7 +515,7 @@ def test_edit_runs_on_cpu(ee, tiny_models, corpus, tmp_path, monkeypatch, alg, f
     hparams = write_hparams(ee, tmp_path, alg, family, tiny_models[family], **extra)
     editor = ee.BaseEditor.from_hparams(hparams)
     assert editor.model_name == hparams.model_name == str(tiny_models[family])
-    assert next(editor.model.parameters()).device == compat.resolve_device(0)
+    assert next(editor.model.parameters()).device == bridge.resolve_device(0)
     assert editor.tok.padding_side == ("right" if alg in ("ROME", "MEMIT") else "left")
     metrics, edited_model, _ = editor.edit(
         prompts=["The capital of France is"], target_new=["Paris"],
@@ -544,5 +543,5 @@ def test_other_families_load_through_base_editor(ee, family, tmp_path, monkeypat
     assert family in type(editor.model).__name__.lower()
     assert editor.model_name == hparams.model_name == str(model_dir)
     assert editor.tok.pad_token is not None and editor.tok.padding_side == "left"
-    assert next(editor.model.parameters()).device == compat.resolve_device(0)
+    assert next(editor.model.parameters()).device == bridge.resolve_device(0)
     assert editor.model.dtype == torch.float32
