@@ -21,7 +21,6 @@ the reason EasyEdit could not be imported.
 """
 
 import importlib
-import sys
 from typing import Any, List
 
 __version__ = "0.1.0"
@@ -82,10 +81,3 @@ def __dir__() -> List[str]:
 
 __all__ = list(_NAMES) + list(_EASYEDIT_NAMES) + ["register"]
 
-# An easyeditor already imported costs nothing more to register with; the user may look up
-# "LEMoE" in its ALG_DICT before taking any of our names.
-if "easyeditor" in sys.modules:
-    try:
-        register()
-    except ImportError:
-        pass  # reported, with its cause, when an EasyEdit-facing name is taken

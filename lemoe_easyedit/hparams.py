@@ -12,6 +12,7 @@ from typing import Any, Dict, Optional, Union
 import yaml
 
 from .easyedit import load_easyeditor
+from .hparams_files import find_hparams_file, resolve_relative, shipped_hparams_dir
 
 load_easyeditor()
 from easyeditor.util.hparams import HyperParams  # noqa: E402  (needs the bridge first)
@@ -23,7 +24,8 @@ QUERY_POOLS = ("prefix_mean", "token", "ffn_input")
 KEY_INITS = ("random", "centroid")
 
 #: Where the YAML files of this repository live (found by name, e.g. "tiny-llama").
-HPARAMS_DIR = Path(__file__).resolve().parent.parent / "hparams" / "LEMoE"
+#: The LEMoE YAML files shipped with the package (see :mod:`.hparams_files`).
+HPARAMS_DIR = shipped_hparams_dir() / "LEMoE"
 
 
 @dataclass
@@ -139,7 +141,8 @@ class LEMoEHyperParams(HyperParams):
 
     @classmethod
     def from_hparams(cls, hparams_name_or_path: Union[str, Path]) -> "LEMoEHyperParams":
-        """Load a YAML file: a path, a path without ``.yaml``, or a name in ``hparams/LEMoE``."""
+        """Load a YAML file: a path, a path without ``.yaml``, or the name of a shipped file
+        (``"llama-7b"``). A relative ``model_name`` is resolved as :mod:`.hparams_files` says."""
         path = resolve_hparams_path(hparams_name_or_path)
         try:
             config = yaml.safe_load(path.read_text())
@@ -147,6 +150,8 @@ class LEMoEHyperParams(HyperParams):
             raise ValueError(f"{path}: malformed YAML: {exc}") from exc
         if not isinstance(config, dict):
             raise ValueError(f"{path}: expected a mapping of hparams, got {type(config).__name__}")
+        if "model_name" in config:
+            config["model_name"] = resolve_relative(config["model_name"], path)
         return cls.from_dict(config, source=str(path))
 
     @classmethod
@@ -190,15 +195,8 @@ class LEMoEHyperParams(HyperParams):
 
 
 def resolve_hparams_path(name_or_path: Union[str, Path]) -> Path:
-    """Find a YAML file by path, path without suffix, or name in this repo's hparams dir."""
-    p = Path(name_or_path)
-    candidates = [p, p.with_name(p.name + ".yaml"), HPARAMS_DIR / p.name,
-                  HPARAMS_DIR / (p.name + ".yaml")]
-    for c in candidates:
-        if c.is_file():
-            return c
-    raise FileNotFoundError(f"no LEMoE hparams file at {str(name_or_path)!r} "
-                            f"(also looked in {HPARAMS_DIR})")
+    """Find a YAML file by path, path without suffix, or name among the shipped LEMoE files."""
+    return find_hparams_file(name_or_path, "LEMoE")
 
 
 def _is_int(v: Any) -> bool:

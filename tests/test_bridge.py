@@ -287,10 +287,15 @@ def test_fresh_processes_scoped_patches_and_clean_bytecode(tmp_path):
         ee = bridge.load_easyeditor()
     assert ee is sys.modules["easyeditor"]
     assert any("imported before" in str(w.message) for w in caught), caught
-    nethook = sys.modules["easyeditor.util.nethook"]
-    assert getattr(nethook.Trace, "_lemoe_patched", False)
     assert getattr(sys.modules["easyeditor.util.alg_dict"].ALG_DICT["ROME"],
                    "_lemoe_patched", False)
+    # What only ROME/MEMIT need is loaded on their first call, not before.
+    nethook = sys.modules["easyeditor.util.nethook"]
+    assert not getattr(nethook.Trace, "_lemoe_patched", False)
+    assert "lemoe_easyedit.easyedit.baselines" not in sys.modules
+    from lemoe_easyedit.easyedit import baselines
+    baselines.patch_release()
+    assert getattr(nethook.Trace, "_lemoe_patched", False)
     print("PLAIN")
     """
     assert "PLAIN" in run_python(tmp_path, *code).stdout
@@ -304,6 +309,26 @@ def test_missing_easyeditor_names_the_install_command(tmp_path):
         bridge.load_easyeditor()
     except ImportError as exc:
         assert "pip install --no-deps easyeditor==0.0.1.dev0" in str(exc), str(exc)
+        print("OK")
+    """
+    assert "OK" in run_python(tmp_path, *code).stdout
+
+
+def test_broken_upstream_checkout_reports_its_own_import_error(tmp_path):
+    """A checkout that fails on a dependency of its own: the user sees that error, raised
+    where LEMoE's names are taken, not advice to install the 2023 release."""
+    pkg = tmp_path / "checkout" / "easyeditor"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("import lemoe_missing_dependency_of_upstream\n")
+    code = f"import sys\nsys.path.insert(0, {str(pkg.parent)!r})\n", LOAD_BRIDGE, """
+    import lemoe_easyedit
+    try:
+        from lemoe_easyedit import LEMoEHyperParams
+    except ImportError as exc:
+        text = str(exc)
+        assert "failed to import" in text and "checkout" in text, text
+        assert "lemoe_missing_dependency_of_upstream" in text, text
+        assert "easyeditor" not in sys.modules
         print("OK")
     """
     assert "OK" in run_python(tmp_path, *code).stdout
@@ -342,16 +367,48 @@ def test_register_method_release(ee):
             delattr(ee, "LemoeCompatTestHyperParams")
 
 
-def test_upstream_shaped_package_is_used_unpatched(tmp_path):
+#: An upstream-shaped easyeditor: what upstream's BaseEditor.edit does with a method, as of
+#: its git HEAD (edit_requests asserts batch_size == 1; without sequential_edit each edit is
+#: scored and then undone through the callable weights_copy of CALLABLE_RESTORE_ALGS).
+UPSTREAM_EDITOR = textwrap.dedent("""
+    from ..util.alg_dict import *
+    from .batch_editor import BatchEditor
+
+    class BaseEditor:
+        def __init__(self, hparams, model, tok):
+            self.hparams, self.model, self.tok = hparams, model, tok
+            self.alg_name = hparams.alg_name
+            self.apply_algo = ALG_DICT[self.alg_name]
+
+        def edit(self, prompts, target_new, subject=None, sequential_edit=False, **kwargs):
+            requests = [{"prompt": p, "target_new": t, "subject": s}
+                        for p, t, s in zip(prompts, target_new, subject)]
+            return self.edit_requests(requests, sequential_edit)
+
+        def edit_requests(self, requests, sequential_edit=False):
+            if hasattr(self.hparams, 'batch_size'):  # For Singleton Editing, bs=1
+                assert self.hparams.batch_size == 1, 'Single Editing: batch_size should be set to 1'
+            for request in requests:
+                edited_model, weights_copy = self.apply_algo(
+                    self.model, self.tok, [request], self.hparams, copy=False,
+                    return_orig_weights=True, keep_original_weight=False)
+                if not sequential_edit and self.alg_name in CALLABLE_RESTORE_ALGS:
+                    weights_copy()
+            return [], edited_model, weights_copy
+    """)
+
+
+def _upstream_package(tmp_path: Path) -> Path:
+    """Write the upstream-shaped package; returns the folder to put on sys.path."""
     pkg = tmp_path / "checkout" / "easyeditor"
     files = {
         "__init__.py": "from .editors import *\n",
         "util/__init__.py": "",
         "util/alg_dict.py": "ALG_DICT = {}\nCALLABLE_RESTORE_ALGS = set()\n",
+        "util/hparams.py": "from dataclasses import dataclass\n"
+                           "@dataclass\nclass HyperParams:\n    pass\n",
         "editors/__init__.py": "from .editor import *\n",
-        "editors/editor.py": "from ..util.alg_dict import *\n"
-                             "from .batch_editor import BatchEditor\n"
-                             "class BaseEditor:\n    pass\n",
+        "editors/editor.py": UPSTREAM_EDITOR,
         "editors/batch_editor.py": textwrap.dedent("""
             from enum import Enum
             class BatchEditor(Enum):
@@ -364,6 +421,12 @@ def test_upstream_shaped_package_is_used_unpatched(tmp_path):
     for name, text in files.items():
         (pkg / name).parent.mkdir(parents=True, exist_ok=True)
         (pkg / name).write_text(text)
+    return pkg.parent
+
+
+def test_upstream_shaped_package_is_used_unpatched(tmp_path):
+    pkg = tmp_path / "checkout" / "easyeditor"
+    _upstream_package(tmp_path)
     code = f"import sys\nsys.path.insert(0, {str(pkg.parent)!r})\n", LOAD_BRIDGE, """
     ee = bridge.load_easyeditor()
     assert ee.__file__.startswith(sys.path[0]), ee.__file__
@@ -377,10 +440,44 @@ def test_upstream_shaped_package_is_used_unpatched(tmp_path):
     assert alg.ALG_DICT["LEMoE"] is apply_lemoe and editor.ALG_DICT is alg.ALG_DICT
     assert "LEMoE" in alg.CALLABLE_RESTORE_ALGS
     assert editor.BatchEditor.is_batchable_method("LEMoE")
-    # Unpatched: no device rewriting, no wrapped BaseEditor.
+    # Unpatched: no device rewriting, BaseEditor.__init__ as it is (only edit() learns
+    # the registered methods).
     assert "__lemoe_device__" not in vars(editor)
     assert not hasattr(editor.BaseEditor.__init__, "_lemoe_patched")
     assert not any(isinstance(f, devices._ReleaseSourceFinder) for f in sys.meta_path)
+    print("OK")
+    """
+    assert "OK" in run_python(tmp_path, *code).stdout
+
+
+def test_lemoe_edit_on_upstream_shape_with_shipped_yaml(tmp_path, tiny_models):
+    """edit() with a YAML whose batch_size is 20 (the batch_edit call size): it runs, the
+    hparams keep 20, and the edit persists only with sequential_edit=True, as upstream's
+    edit() does."""
+    checkout = _upstream_package(tmp_path)
+    yaml_file = REPO / "hparams" / "LEMoE" / "tiny-llama.yaml"
+    assert yaml.safe_load(yaml_file.read_text())["batch_size"] > 1
+    code = f"import sys\nsys.path.insert(0, {str(checkout)!r})\n", LOAD_BRIDGE, f"""
+    import torch, yaml
+    torch.set_num_threads(1)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from lemoe_easyedit import LEMoEHyperParams, find_adaptor, find_edit
+    from easyeditor import BaseEditor
+    assert sys.modules["easyeditor"].__file__.startswith({str(checkout)!r})
+    cfg = yaml.safe_load(open({str(yaml_file)!r}))
+    cfg["model_name"] = {str(tiny_models["llama"])!r}
+    hp = LEMoEHyperParams.from_dict(cfg)
+    model = AutoModelForCausalLM.from_pretrained(hp.model_name)
+    tok = AutoTokenizer.from_pretrained(hp.model_name)
+    editor = BaseEditor(hp, model, tok)
+    prompt = "The mother tongue of Danielle Darrieux is"
+    args = dict(prompts=[prompt], target_new=["English"], subject=["Danielle Darrieux"])
+    editor.edit(**args)
+    assert hp.batch_size == cfg["batch_size"]
+    assert find_adaptor(editor.model) is None or find_edit(editor.model, prompt) is None
+    editor.edit(**args, sequential_edit=True)
+    assert hp.batch_size == cfg["batch_size"]
+    assert find_edit(editor.model, prompt) is not None
     print("OK")
     """
     assert "OK" in run_python(tmp_path, *code).stdout
@@ -392,6 +489,7 @@ def test_upstream_shaped_package_is_used_unpatched(tmp_path):
 def test_trace_presents_decoder_block_output_as_tuple(ee, tiny_models):
     from transformers import AutoModelForCausalLM
 
+    baselines.patch_release()  # what ROME's or MEMIT's first call does
     nethook = sys.modules["easyeditor.util.nethook"]
     model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"])
     ids = torch.tensor([[5, 6, 7, 8]])

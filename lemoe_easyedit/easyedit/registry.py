@@ -3,6 +3,8 @@ methods, upstream's callable restore)."""
 
 from __future__ import annotations
 
+import functools
+
 import sys
 import types
 from typing import Callable, List, Optional
@@ -12,6 +14,8 @@ from .loading import _STATE, _submodule, load_easyeditor
 from .release import PKG
 
 _EXTRA_BATCHABLE: set = set()
+#: Methods registered here: ``BaseEditor.edit`` runs them with ``batch_size`` 1.
+_REGISTERED: set = set()
 
 # ------------------------------------------------------------------- registering
 
@@ -33,6 +37,37 @@ def _patch_batchable() -> None:
     # The release's BatchEditor is an Enum of hard-coded names; only the method is
     # replaced, the members stay as they are.
     setattr(cls, "is_batchable_method", staticmethod(is_batchable_method))
+
+
+def _patch_single_edit() -> None:
+    """``BaseEditor.edit`` runs a method registered here with ``batch_size`` 1 for that call
+    and gives the hparams their own value back afterwards.
+
+    ``edit()`` is EasyEdit's one-request-at-a-time API: upstream asserts
+    ``hparams.batch_size == 1`` in it, and the release sets it to 1 for good (so a later
+    ``batch_edit`` ran in calls of one request). A registered method's ``batch_size`` is the
+    call size of ``batch_edit`` only, so one YAML file serves both."""
+    editor = _submodule("editors.editor")
+    base = getattr(editor, "BaseEditor", None)
+    current = getattr(base, "edit", None)
+    if current is None or getattr(current, "_lemoe_patched", False):
+        return
+
+    @functools.wraps(current)
+    def edit(self, *args, **kwargs):
+        hparams = getattr(self, "hparams", None)
+        if getattr(self, "alg_name", None) not in _REGISTERED or \
+                not hasattr(hparams, "batch_size"):
+            return current(self, *args, **kwargs)
+        size = hparams.batch_size
+        hparams.batch_size = 1
+        try:
+            return current(self, *args, **kwargs)
+        finally:
+            hparams.batch_size = size
+
+    edit._lemoe_patched = True
+    base.edit = edit
 
 
 def _easyeditor_modules() -> List[types.ModuleType]:
@@ -57,7 +92,8 @@ def register_method(name: str, apply_fn: Callable, hparams_cls: Optional[type] =
     ``easyeditor.util.alg_dict`` (which ``editors/editor.py`` star-imports, so the object
     must be mutated, not rebound), adds ``name`` to ``CALLABLE_RESTORE_ALGS`` where the
     loaded easyeditor has one (upstream), makes ``BatchEditor.is_batchable_method(name)``
-    true, and exposes ``hparams_cls`` as ``easyeditor.<ClassName>`` if that name is free.
+    true, lets ``BaseEditor.edit`` run it whatever its ``batch_size``, and exposes
+    ``hparams_cls`` as ``easyeditor.<ClassName>`` if that name is free.
     """
     mod = load_easyeditor()
     alg_dict_mod = _submodule("util.alg_dict")
@@ -85,6 +121,8 @@ def register_method(name: str, apply_fn: Callable, hparams_cls: Optional[type] =
 
     _EXTRA_BATCHABLE.add(name)
     _patch_batchable()
+    _REGISTERED.add(name)
+    _patch_single_edit()
 
     if hparams_cls is not None and not hasattr(mod, hparams_cls.__name__):
         setattr(mod, hparams_cls.__name__, hparams_cls)

@@ -14,6 +14,7 @@ from typing import Any, List, Union
 import yaml
 
 from ..easyedit import load_easyeditor
+from ..hparams_files import find_hparams_file, resolve_relative
 
 load_easyeditor()
 from easyeditor.util.hparams import HyperParams  # noqa: E402
@@ -95,9 +96,9 @@ class GraceHyperParams(HyperParams):
 
     @classmethod
     def from_hparams(cls, hparams_name_or_path: str) -> "GraceHyperParams":
-        path = str(hparams_name_or_path)
-        if not path.endswith((".yaml", ".yml")):
-            path += ".yaml"
+        """Load a YAML file by path, path without ``.yaml``, or shipped name; a relative
+        ``model_name`` is resolved as :mod:`lemoe_easyedit.hparams_files` says."""
+        path = find_hparams_file(hparams_name_or_path, "GRACE")
         with open(path, encoding="utf-8") as f:
             config = yaml.safe_load(f)
         if not isinstance(config, dict):
@@ -109,6 +110,8 @@ class GraceHyperParams(HyperParams):
         unknown = sorted(set(config) - known)
         if unknown:
             raise ValueError(f"{path}: unknown GRACE key(s) {unknown}")
+        if "model_name" in config:
+            config["model_name"] = resolve_relative(config["model_name"], path)
         return cls(**config)
 
     @property
