@@ -63,7 +63,8 @@ def zsre_records(n=12, seed=1):
     return out
 
 
-TINY = ModelSpec(hidden_size=48, num_hidden_layers=2, num_attention_heads=2,
+# 4 layers: the realfact YAMLs edit layer 3 (run test below).
+TINY = ModelSpec(hidden_size=48, num_hidden_layers=4, num_attention_heads=2,
                  num_key_value_heads=2, intermediate_size=128, max_position_embeddings=64,
                  tie_word_embeddings=True)
 
@@ -199,3 +200,51 @@ def test_shared_files_read_when_present():
     zs, _ = read_records(data / "zsre" / "zsre_mend_train-1k.json", limit=20)
     assert len(cf) == 20 and len(zs) == 20
     assert all(f.new_target for f in cf)
+
+
+def test_run_accepts_the_model_by_name_and_filters_known_records(tiny_build, tmp_path,
+                                                                 monkeypatch):
+    """``run`` with the realfact YAML from another working directory: the model given by
+    path, the records it knows kept (the one it does not know is left out and recorded),
+    edit targets ending with ``</s>`` and WILD scores reported."""
+    from lemoe_easyedit.evaluation import runner
+
+    tmp, _ = tiny_build
+    records = counterfact_records()[:6]
+    unknown = dict(records[0], case_id=999, locality_ground_truth="Atlantis")
+    data = _write(tmp_path, "edits.json", records + [unknown])
+    yaml_path = Path(__file__).resolve().parents[1] / "hparams" / "LEMoE" / "realfact-llama.yaml"
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    assert runner.main(["run", "--method", "LEMoE", "--hparams", str(yaml_path),
+                        "--model", str(Path(tmp) / "tiny-llama-rf"), "--data", "counterfact",
+                        "--data-path", data, "--num-edits", "4", "--threads", "1",
+                        "--no-progress", "--out", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    known = res["data"]["known_filter"]
+    assert 999 in known["dropped_case_ids"]
+    assert known["wrong_by_probe"].get("locality:neighborhood", 0) >= 1
+    assert res["protocol"]["edit_end_token"] == "</s>"
+    assert {"rel_wild", "gen_wild", "loc_wild"} <= set(res["summary"])
+    assert res["summary"]["rel_em"] >= 0.75
+
+
+def test_default_model_resolves_by_name_from_anywhere(tmp_path, monkeypatch):
+    """``tiny-llama-realfact`` and the YAML's relative ``model_name`` both reach the default
+    model (shipped in the package) whatever the working directory."""
+    from lemoe_easyedit import realfact
+    from lemoe_easyedit.hparams_files import resolve_relative
+    from lemoe_easyedit.realfact.integration import resolve_model_name
+
+    if not realfact.is_available():
+        pytest.skip("the default realfact model is not shipped in this checkout "
+                    "(build it: python -m lemoe_easyedit.realfact.build)")
+    monkeypatch.chdir(tmp_path)
+    assert resolve_model_name("tiny-llama-realfact") == str(realfact.shipped_model_path())
+    yaml_path = Path(__file__).resolve().parents[1] / "hparams" / "MEMIT" / "realfact-llama.yaml"
+    import yaml
+
+    hp = yaml.safe_load(yaml_path.read_text())
+    model = resolve_relative(hp["model_name"], yaml_path)
+    assert Path(model).resolve() == realfact.shipped_model_path().resolve()
+    assert Path(resolve_relative(hp["mom2_dataset"], yaml_path)).is_file()

@@ -128,6 +128,17 @@ class _Stream:
     progress: bool
     quiet: bool
     log: Any
+    #: appended to every ``target_new`` handed to the method (never to what is scored)
+    end_token: Optional[str] = None
+
+    def _for_method(self, request: dict) -> dict:
+        """A copy of ``request`` as the method edits it: with ``end_token`` after the target,
+        so that an editor learns to stop after the new object as the model stops after
+        its facts (what the WILD scores measure)."""
+        r = dict(request)
+        if self.end_token:
+            r["target_new"] = r["target_new"] + self.end_token
+        return r
 
     def edit_and_score(self, c: int, n_chunks: int, model) -> dict:
         """Apply chunk ``c``'s T edits to ``model`` in calls, scoring at checkpoints, then
@@ -144,7 +155,8 @@ class _Stream:
             t0 = time.time()
             with _quiet(self.quiet, self.log):
                 model, _ = self.apply_fn(
-                    model, self.tok, [dict(r) for r in self.requests[lo + start:lo + end]],
+                    model, self.tok,
+                    [self._for_method(r) for r in self.requests[lo + start:lo + end]],
                     self.hparams, copy=False, return_orig_weights=False,
                     keep_original_weight=False)
             edit_s += time.time() - t0
@@ -179,7 +191,8 @@ def run_protocol(method: str, hparams, requests: Sequence[dict], *,
                  checkpoint_every: Optional[int] = None, eval_metric: str = "token_em",
                  greedy: bool = True, seed: int = 0, restore: str = "auto",
                  progress: bool = True, quiet: bool = True, log=None,
-                 data_info: Optional[dict] = None) -> Dict[str, Any]:
+                 data_info: Optional[dict] = None,
+                 edit_end_token: bool = False) -> Dict[str, Any]:
     """Run ``method`` over ``requests`` under the protocol of this module; return results.
 
     ``requests``: the edit stream (all of it is used; ``len(requests)`` must be a multiple
@@ -188,6 +201,9 @@ def run_protocol(method: str, hparams, requests: Sequence[dict], *,
     ``restore`` between chunks: see :class:`UneditedModels`. ``eval_metric``:
     ``"token_em"`` or ``"ppl"``. ``greedy``: also score greedy exact match. ``quiet``: send
     the editing functions' prints to ``log`` (a text stream) or nowhere.
+    ``edit_end_token``: the method edits ``target_new`` followed by the tokenizer's end
+    token (``tok.eos_token``), for models that end every fact with it; scoring always uses
+    ``target_new`` as given.
 
     Returns a JSON-serialisable dict: ``summary``, ``per_edit``, ``chunks``,
     ``checkpoints``, ``protocol``, ``method``, ``implementation``, ``hparams``,
@@ -212,7 +228,8 @@ def run_protocol(method: str, hparams, requests: Sequence[dict], *,
 
     stream = _Stream(method, _alg_dict()[method], hparams, models.tok, requests, scorer,
                      calls, T, checkpoint_every, PPL_KEYS if eval_metric == "ppl"
-                     else METRIC_KEYS, seed, progress, quiet, log)
+                     else METRIC_KEYS, seed, progress, quiet, log,
+                     end_token=_end_token(models.tok) if edit_end_token else None)
     chunks = []
     for c in range(n_chunks):
         t0 = time.time()
@@ -241,6 +258,7 @@ def run_protocol(method: str, hparams, requests: Sequence[dict], *,
             "restore": models.restore if n_chunks > 1 or models.from_caller
             else "none (one chunk)",
             "scoring_max_length": scorer.hparams.max_length,
+            "edit_end_token": stream.end_token,
         },
         "hparams": _hparams_dict(hparams),
         "versions": package_versions(),
@@ -258,6 +276,13 @@ def run_protocol(method: str, hparams, requests: Sequence[dict], *,
         "device": str(models.device),
         "data": data_info or {},
     })
+
+
+def _end_token(tok) -> str:
+    token = getattr(tok, "eos_token", None)
+    if not token:
+        raise ValueError("edit_end_token needs a tokenizer with an end token (eos_token)")
+    return token
 
 
 def _check_arguments(requests: List[dict], chunk_size: Optional[int],

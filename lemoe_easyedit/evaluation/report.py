@@ -25,6 +25,8 @@ def summary_table(results: Sequence[dict]) -> str:
     cols = (["rel_ppl", "gen_ppl", "loc"] + loc if ppl else
             ["rel", "gen", "loc"] + loc + ["avg", "rel_em", "gen_em", "loc_em"]
             + [f"loc_em:{k}" for k in kinds])
+    if not ppl and any(r.get("summary", {}).get("rel_wild") is not None for r in results):
+        cols += ["rel_wild", "gen_wild", "loc_wild"]  # free generation that must stop
     head = ["method"] + cols + ["T", "chunks", "edit s", "eval s", "implementation"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:

@@ -8,6 +8,11 @@
 * ``rel_em`` / ``gen_em``: ``len(target tokens)`` tokens generated greedily after the prompt
   equal the target tokens (those EasyEdit scores: ``tok(prompt + " " + target)`` after
   ``tok(prompt)``); ``loc_em``: the greedy locality continuation equals the unedited one;
+* ``rel_wild`` / ``gen_wild``: free generation as a user sees it ("WILD" evaluation): greedy
+  decoding produces the target tokens *and then the end token* (``tok.eos_token``), i.e. the
+  model states the object and stops on its own; ``loc_wild``: the greedy locality
+  continuation, one token past the answer (where a model that ends its facts emits the end
+  token), identical to the unedited model's. Only with greedy scoring and an end token;
 * ``eval_metric="ppl"`` (hallucination data): ``rel_ppl`` / ``gen_ppl``, EasyEdit's ``PPL`` of
   ``target_new``, instead of the accuracies and exact matches.
 
@@ -29,7 +34,8 @@ from tqdm.auto import tqdm
 from .models import _context_length, _model_device
 
 #: Per-edit metrics in [0, 1] (token_em) and the perplexities (ppl).
-METRIC_KEYS = ("rel", "gen", "loc", "rel_em", "gen_em", "loc_em")
+METRIC_KEYS = ("rel", "gen", "loc", "rel_em", "gen_em", "loc_em", "rel_wild", "gen_wild",
+               "loc_wild")
 PPL_KEYS = ("rel_ppl", "gen_ppl", "loc")
 
 
@@ -177,8 +183,11 @@ class Scorer:
                                  for k, p, g in probes})
             jobs.extend((i, k, p, g) for k, p, g in probes)
         if jobs and self.greedy and self.eval_metric != "ppl":
-            # One batched greedy generation for every probe (as score() does).
-            lengths = [len(target_token_ids(self.tok, p, g)[1]) for _, _, p, g in jobs]
+            # One batched greedy generation for every probe (as score() does), one token
+            # past the answer for the WILD comparison.
+            extra = 1 if self.tok.eos_token_id is not None else 0
+            lengths = [len(target_token_ids(self.tok, p, g)[1]) + extra
+                       for _, _, p, g in jobs]
             gens = greedy_generate(model, self.tok, [p for _, _, p, _ in jobs], lengths)
             for (i, k, _, _), got in zip(jobs, gens):
                 self.pre_loc_gen[i][k] = got
@@ -221,27 +230,42 @@ class Scorer:
         return out
 
     def _score_greedy(self, model, requests, indices, out, jobs) -> None:
+        eos = self.tok.eos_token_id
+        # One token past the target: exact match reads the first len(target) tokens, WILD
+        # also wants the end token right after them (the model stops on its own).
+        extra = 1 if eos is not None else 0
         wanted = [target_token_ids(self.tok, p, t)[1] for _, _, p, t in jobs]
         gens = greedy_generate(model, self.tok, [p for _, _, p, _ in jobs],
-                               [len(w) for w in wanted])
+                               [len(w) + extra for w in wanted])
         loc_em: Dict[int, List[float]] = {}
+        loc_wild: Dict[int, List[float]] = {}
         for (pos, key, _, _), want, got in zip(jobs, wanted, gens):
             m = out[pos]
+            got, n = list(got), len(want)
             if key.startswith("loc_em:"):
                 probe = key.split(":", 1)[1]
                 pre = self.pre_loc_gen[m["index"]].get(probe)
                 if pre is not None:
-                    loc_em.setdefault(pos, []).append(float(list(pre) == list(got)))
+                    pre = list(pre)
+                    loc_em.setdefault(pos, []).append(float(pre[:n] == got[:n]))
                     m[f"loc_em:{probe}"] = loc_em[pos][-1]
+                    if extra and len(pre) == n + extra:
+                        loc_wild.setdefault(pos, []).append(float(pre == got))
+                        m[f"loc_wild:{probe}"] = loc_wild[pos][-1]
             else:
-                m[key] = float(len(want) > 0 and list(got) == list(want))
+                m[key] = float(n > 0 and got[:n] == list(want))
+                if extra:
+                    m[key.replace("_em", "_wild")] = float(n > 0 and got == list(want) + [eos])
         for m_pos, m in enumerate(out):
             m.setdefault("rel_em", None)
+            m.setdefault("rel_wild", None)
             if requests[m["index"]].get("rephrase_prompt"):
                 m.setdefault("gen_em", None)
+                m.setdefault("gen_wild", None)
             else:
-                m["gen_em"] = None
+                m["gen_em"] = m["gen_wild"] = None
             m["loc_em"] = _mean(loc_em.get(m_pos, []))
+            m["loc_wild"] = _mean(loc_wild.get(m_pos, []))
 
 
 def locality_kinds(scores: Sequence[dict]) -> List[str]:
@@ -261,7 +285,7 @@ def _summary(per_edit: Sequence[dict], keys: Sequence[str]) -> Dict[str, Optiona
     such as the same-subject neighbour of a long stream, weighs as much as the others)."""
     s = {k: _mean(m.get(k) for m in per_edit) for k in keys}
     kinds = locality_kinds(per_edit)
-    for prefix in ("loc", "loc_em"):
+    for prefix in ("loc", "loc_em", "loc_wild"):
         for kind in kinds:
             s[f"{prefix}:{kind}"] = _mean(m.get(f"{prefix}:{kind}") for m in per_edit)
         per_kind = [s[f"{prefix}:{kind}"] for kind in kinds
@@ -276,7 +300,8 @@ def _summary(per_edit: Sequence[dict], keys: Sequence[str]) -> Dict[str, Optiona
 
 
 def _average_summaries(summaries: Sequence[dict], keys: Sequence[str]) -> dict:
-    per_kind = [f"{p}:{k}" for k in locality_kinds(summaries) for p in ("loc", "loc_em")]
+    per_kind = [f"{p}:{k}" for k in locality_kinds(summaries)
+                for p in ("loc", "loc_em", "loc_wild")]
     names = list(dict.fromkeys(list(keys) + ["avg"] + per_kind))
     out = {k: _mean(s.get(k) for s in summaries) for k in names
            if any(k in s for s in summaries)}
@@ -295,7 +320,10 @@ def _scoring_note(eval_metric: str, greedy: bool) -> str:
             "unedited model")
     if greedy:
         note += ("; rel_em/gen_em = greedy whole-target exact match; loc_em = greedy "
-                 "locality continuation identical to the unedited model's")
+                 "locality continuation identical to the unedited model's; rel_wild/"
+                 "gen_wild = greedy generation gives the target and then the end token "
+                 "(stops on its own); loc_wild = locality continuation one token past the "
+                 "answer identical to the unedited model's")
     return note
 
 
