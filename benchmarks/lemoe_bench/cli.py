@@ -84,8 +84,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-
-
 # ----------------------------------------------------------------------- entry points
 
 

@@ -11,7 +11,6 @@ import torch
 from .. import easyedit
 
 
-
 def load_model_and_tokenizer(hparams, model_name: Optional[str] = None, on_device: bool = True):
     """Load the model and tokenizer of ``hparams`` as EasyEdit's ``BaseEditor`` does here
     (Auto classes, float32 unless the hparams ask otherwise, pad token = eos when missing,

@@ -14,7 +14,6 @@ import torch
 from .. import easyedit
 
 
-
 def _easyeditor_version() -> str:
     try:
         version = importlib.metadata.version("easyeditor")
@@ -62,7 +61,6 @@ def _git_commit() -> Optional[str]:
     except (OSError, subprocess.SubprocessError):
         return None
     return (head + ("+dirty" if dirty else "")) if head else None
-
 
 
 def _method_state(model) -> Dict[str, Any]:
