@@ -151,10 +151,11 @@ class UpperStack:
             else:
                 out = block(hidden_states=hidden, **kwargs)
             hidden = _hidden_of(out)
-        at_targets = hidden[:, :-1][cached.target_pos]
+        # (Under a device map the last block may sit on another device than the batch.)
+        at_targets = hidden[:, :-1][cached.target_pos.to(hidden.device)]
         return self.head(self.norm(at_targets)), cached.targets
 
     def loss(self, cached: CachedMinibatch, expert: nn.Module, scale: float) -> torch.Tensor:
         """Mean cross-entropy of the targets (what the full forward's loss is)."""
         logits, targets = self.target_logits(cached, expert, scale)
-        return F.cross_entropy(logits.float(), targets)
+        return F.cross_entropy(logits.float(), targets.to(logits.device))

@@ -5,9 +5,11 @@ Two ways in, as EasyEdit calls it:
 * **online** (one request per call, ``BaseEditor.edit``): the newest expert stays open and is
   retrained on its accumulated edits until it holds ``edits_per_expert``, then it is frozen
   and the next request opens a new one;
-* **batch** (several requests, ``BaseEditor.batch_edit``): the requests are planned into
-  batches of ``edits_per_expert`` (K-means order planning unless ``order_planning`` is off)
-  and every batch gets its own expert, frozen once trained.
+* **batch** (several requests, ``BaseEditor.batch_edit``): the open expert, if any, is
+  filled first; the rest are planned into batches of ``edits_per_expert`` (K-means order
+  planning unless ``order_planning`` is off), each with its own expert, frozen once full;
+  a last, partly filled expert stays open for the next call. So ``max_experts`` bounds
+  the whole stream, however many calls deliver it.
 
 A prompt edited again wins over its earlier edit: within one call (the last request with
 that prompt is kept), in the open expert (its record is replaced), and across experts (the
@@ -23,6 +25,7 @@ calls a returned function, which rolls the call back exactly.
 
 from __future__ import annotations
 
+import math
 from copy import copy as shallow_copy, deepcopy
 from typing import Any, Callable, Dict, List, Sequence, Tuple, Union
 
@@ -67,7 +70,7 @@ def apply_lemoe_to_model(model: nn.Module, tok, requests: Sequence[Dict], hparam
         if len(requests) == 1 and not transient:
             _edit_online(model, layer, tok, requests[0], hparams)
         else:
-            _edit_batches(model, layer, tok, requests, hparams)
+            _edit_batches(model, layer, tok, requests, hparams, fill_open=not transient)
     except BaseException:
         _undo_call(model, layer, call_state)
         raise
@@ -129,7 +132,7 @@ def _edit_online(model, layer: LEMoELayer, tok, request: Dict, hp) -> None:
         slot.freeze()
         slot = None
     if slot is None:
-        _check_capacity(layer, 1, hp)
+        _check_capacity(layer, 1, hp, 1, 0)
         slot = layer.new_slot(seed=hp.seed + len(layer.slots))
     # A later edit of the same prompt replaces the earlier one inside the open expert.
     slot.edits = [e for e in slot.edits if e["prompt"] != request["prompt"]]
@@ -146,37 +149,95 @@ def _edit_online(model, layer: LEMoELayer, tok, request: Dict, hp) -> None:
     _log(layer, {"mode": "online", "slot": index, **stats})
 
 
-def _edit_batches(model, layer: LEMoELayer, tok, requests: List[Dict], hp) -> None:
+def _edit_batches(model, layer: LEMoELayer, tok, requests: List[Dict], hp,
+                  fill_open: bool = True) -> None:
+    """Batch mode: the open expert (if any) is filled first, the rest is planned into new
+    experts of ``edits_per_expert``; the last one stays open when it is not full.
+
+    So ``max_experts`` bounds the whole stream however it is cut into calls: a stream of
+    ``T`` edits ends with ``ceil(T / edits_per_expert)`` experts. ``fill_open=False`` (a
+    call EasyEdit's release undoes by switching new experts off) leaves the open expert
+    alone and freezes it: switching off a filled expert would also undo its earlier edits.
+    """
     requests = _last_wins(requests)
     encoded = encode_edits(tok, requests, hp.max_length)  # validates before any change
     device = _device(layer)
+    open_slot = layer.open_slot if fill_open else None
+    room = 0 if open_slot is None else max(0, hp.edits_per_expert - len(open_slot.edits))
+    fill = _fill_choice(model, layer, tok, requests, hp, device, room)
+    rest = [i for i in range(len(requests)) if i not in set(fill)]
+    _check_capacity(layer, math.ceil(len(rest) / hp.edits_per_expert), hp, len(requests),
+                    room)
     # Planning reads the prompts' queries; without it only the count matters.
-    queries = prompt_queries(model, layer, tok, requests, hp.max_length, device) \
-        if hp.order_planning else torch.zeros(len(requests), 1)
+    queries = prompt_queries(model, layer, tok, [requests[i] for i in rest], hp.max_length,
+                             device) if hp.order_planning and len(rest) > 1 \
+        else torch.zeros(max(1, len(rest)), 1)
     subjects: Dict[str, int] = {}
     negatives = negative_pool(model, layer, tok, requests, subjects, hp, device)
-    planner = EditOrderPlanner(hp.edits_per_expert, hp.seed, enabled=hp.order_planning)
-    planner.fit(queries.cpu().numpy())
-    _check_capacity(layer, len(planner.batches_), hp)
-    if layer.open_slot is not None:
+    if fill:
+        # A request whose prompt the open expert already holds replaces that record.
+        prompts = {requests[i]["prompt"] for i in fill}
+        open_slot.edits = [e for e in open_slot.edits if e["prompt"] not in prompts] + \
+            [_record(layer, requests[i]) for i in fill]
+        index = len(layer.slots) - 1
+        about = [e.get("subject") for e in open_slot.edits]
+        stats = train_slot(model, layer, index,
+                           encode_edits(tok, open_slot.edits, hp.max_length), tok, hp,
+                           negatives=negatives, edit_subjects=subject_ids(about, subjects))
+        if len(open_slot.edits) >= hp.edits_per_expert:
+            open_slot.freeze()
+        _log(layer, {"mode": "batch", "slot": index, "batch": fill, "filled_open": True,
+                     **stats})
+    elif layer.open_slot is not None:
         layer.open_slot.freeze()
-    for batch in tqdm(planner.batches_, desc="LEMoE batches", leave=False,
-                      disable=True if len(planner.batches_) < 2 else None):  # None: TTY only
+    batches: List[List[int]] = []
+    if rest:
+        if layer.open_slot is not None:
+            layer.open_slot.freeze()  # full, or left alone (fill_open=False)
+        planner = EditOrderPlanner(hp.edits_per_expert, hp.seed, enabled=hp.order_planning)
+        planner.fit(queries.cpu().numpy())
+        batches = [[rest[j] for j in b] for b in planner.batches_]
+    for batch in tqdm(batches, desc="LEMoE batches", leave=False,
+                      disable=True if len(batches) < 2 else None):  # None: TTY only
         slot = layer.new_slot(seed=hp.seed + len(layer.slots))
         slot.edits = [_record(layer, requests[i]) for i in batch]
         index = len(layer.slots) - 1
         about = [requests[i].get("subject") for i in batch]
         stats = train_slot(model, layer, index, [encoded[i] for i in batch], tok, hp,
                            negatives=negatives, edit_subjects=subject_ids(about, subjects))
-        slot.freeze()
+        # A full expert is frozen; the last, partly filled one stays open for the next call.
+        if len(batch) >= hp.edits_per_expert or not fill_open:
+            slot.freeze()
         _log(layer, {"mode": "batch", "slot": index, "batch": batch, **stats})
+    order = fill + [i for b in batches for i in b]
     layer.plans = getattr(layer, "plans", []) + [
-        {"order": planner.order_, "batches": planner.batches_}]
+        {"order": order, "batches": ([fill] if fill else []) + batches,
+         "filled_open": bool(fill)}]
+
+
+def _fill_choice(model, layer: LEMoELayer, tok, requests: List[Dict], hp, device,
+                 room: int) -> List[int]:
+    """Indices of the requests that go into the open expert's ``room`` free places.
+
+    With order planning, the requests whose prompt queries are nearest (cosine) to the
+    open expert's anchors' mean direction, so that the expert keeps semantically close
+    edits; without it, the first ``room`` requests in the given order.
+    """
+    if room <= 0:
+        return []
+    if room >= len(requests) or not hp.order_planning:
+        return list(range(min(room, len(requests))))
+    slot = layer.open_slot
+    q = prompt_queries(model, layer, tok, requests, hp.max_length, device)
+    centre = slot.anchors.float().mean(0).to(q.device)
+    sims = q.float() @ (centre / centre.norm().clamp_min(1e-12))
+    return sorted(torch.topk(sims, room).indices.tolist())
 
 
 def _device(layer: LEMoELayer) -> torch.device:
-    return layer.slots[0].routing.key.device if len(layer.slots) else \
-        layer.queries.embed.weight.device
+    """Where the edit batches go: the adapted FFN's execution device (its weights, and the
+    embeddings', may rest on ``meta`` under an offloading device map)."""
+    return layer.base_layer_device()
 
 
 def _last_wins(requests: List[Dict]) -> List[Dict]:
@@ -185,10 +246,16 @@ def _last_wins(requests: List[Dict]) -> List[Dict]:
     return [r for i, r in enumerate(requests) if last[r["prompt"]] == i]
 
 
-def _check_capacity(layer: LEMoELayer, new: int, hp) -> None:
+def _check_capacity(layer: LEMoELayer, new: int, hp, edits: int = 1, room: int = 0) -> None:
+    """ValueError naming the numbers when ``new`` more experts would exceed ``max_experts``
+    (checked before anything changes, so nothing already edited is lost)."""
     if hp.max_experts is not None and len(layer.slots) + new > hp.max_experts:
-        raise ValueError(f"max_experts={hp.max_experts} would be exceeded: the model has "
-                         f"{len(layer.slots)} experts and this edit needs {new} more")
+        raise ValueError(
+            f"max_experts={hp.max_experts} would be exceeded: the model holds "
+            f"{len(layer.slots)} experts ({room} free places in the open one) and these "
+            f"{edits} edits need {new} more of {hp.edits_per_expert} edits each "
+            f"({len(layer.slots) + new} in all); nothing was changed. Raise max_experts "
+            f"or edits_per_expert, or roll back experts first")
 
 
 def _log(layer: LEMoELayer, entry: Dict) -> None:

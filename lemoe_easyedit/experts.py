@@ -1,17 +1,45 @@
 """Expert modules: the per-batch networks added beside the frozen host FFN.
 
 Both forms start with an output of exactly zero, so inserting an expert changes no logit
-until it is trained.
+until it is trained. An expert is stored in the host model's dtype on its execution device
+(it is served in that dtype); training swaps in float32 master copies for the duration
+(:func:`~.training.train_slot`). Its forward takes input of any float dtype and answers in
+the input's dtype.
+
+Initial values are drawn from a ``torch.Generator`` on the CPU (the same draws, in the same
+order, as ``nn.Linear``'s own initialisation makes from the global RNG after
+``torch.manual_seed``), so creating an expert never touches the caller's random state and
+gives the same values on every device.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Tuple
+import math
+from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from .model_families import ModelFamily, ffn_width, proj_weight
+from .model_families import (ModelFamily, execution_device, ffn_width, materialised,
+                             proj_weight)
+
+
+def seeded_linear(in_features: int, out_features: int, bias: bool,
+                  generator: Optional[torch.Generator], device, dtype) -> nn.Linear:
+    """``nn.Linear`` initialised as ``nn.Linear.reset_parameters`` does, from ``generator``
+    (the global RNG when None), drawn in float32 on the CPU, then cast and moved."""
+    lin = nn.utils.skip_init(nn.Linear, in_features, out_features, bias=bias, device=device,
+                             dtype=dtype)
+    w = torch.empty(out_features, in_features)
+    nn.init.kaiming_uniform_(w, a=math.sqrt(5), generator=generator)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+        if bias:
+            bound = 1 / math.sqrt(in_features) if in_features > 0 else 0
+            lin.bias.copy_(torch.empty(out_features).uniform_(-bound, bound,
+                                                              generator=generator))
+    return lin
 
 
 class FFNExpert(nn.Module):
@@ -23,21 +51,23 @@ class FFNExpert(nn.Module):
     """
 
     def __init__(self, host_mlp: nn.Module, fam: ModelFamily, width: int | None = None,
-                 init: str = "copy") -> None:
+                 init: str = "copy", generator: Optional[torch.Generator] = None) -> None:
         super().__init__()
-        host_w = proj_weight(getattr(host_mlp, fam.in_projs[0]), fam)
-        hidden, dtype, device = host_w.shape[1], host_w.dtype, host_w.device
-        self.width = width or ffn_width(host_mlp, fam)
-        self.gated = fam.gated
-        self.act = getattr(host_mlp, fam.act_name)
-        kw = dict(device=device, dtype=dtype)
-        self.w_in = nn.Linear(hidden, self.width, bias=not fam.gated, **kw)
-        self.w_gate = nn.Linear(hidden, self.width, bias=False, **kw) if fam.gated else None
-        self.w_out = nn.Linear(self.width, hidden, bias=False, **kw)
-        with torch.no_grad():
-            if init == "copy":
-                self._copy_from(host_mlp, fam)
-            nn.init.zeros_(self.w_out.weight)
+        device = execution_device(host_mlp)
+        with materialised(host_mlp):
+            host_w = proj_weight(getattr(host_mlp, fam.in_projs[0]), fam)
+            hidden, dtype = host_w.shape[1], host_w.dtype
+            self.width = width or ffn_width(host_mlp, fam)
+            self.gated = fam.gated
+            self.act = getattr(host_mlp, fam.act_name)
+            kw = dict(generator=generator, device=device, dtype=dtype)
+            self.w_in = seeded_linear(hidden, self.width, not fam.gated, **kw)
+            self.w_gate = seeded_linear(hidden, self.width, False, **kw) if fam.gated else None
+            self.w_out = seeded_linear(self.width, hidden, False, **kw)
+            with torch.no_grad():
+                if init == "copy":
+                    self._copy_from(host_mlp, fam)
+                nn.init.zeros_(self.w_out.weight)
 
     def _copy_from(self, host_mlp: nn.Module, fam: ModelFamily) -> None:
         n = min(self.width, ffn_width(host_mlp, fam))
@@ -51,68 +81,65 @@ class FFNExpert(nn.Module):
             if proj.bias is not None:
                 self.w_in.bias[:n] = proj.bias[:n]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _on_rows(serving_function(self), x)
-
-    def serving_parts(self) -> Tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor]:
-        """``(hidden, w_out)``: this expert on rows ``[P, hidden]`` is ``hidden(x) @ w_out``.
-
-        ``hidden`` is a closure of plain matrix products against transposed views of the
-        weights (the operations ``F.linear`` reaches for 2-D input, without four
-        ``nn.Module`` calls and the layers of ``F.linear``), ``w_out`` the output
-        projection as a ``[width, hidden]`` view. The serving path (the layer's routing
-        table keeps them per expert) runs on nearly every forward of an edited model and
-        adds the last product to the host's output in the same operation
-        (``addmm(out, hidden(x), w_out)``); ``forward`` computes the same products, so
-        training and serving agree.
-        """
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """The expert's hidden activations for rows ``x`` ``[P, hidden]`` (any float dtype),
+        in the weights' dtype: the expert's output is ``hidden(x) @ out_weight()``."""
+        x = x.to(self.w_in.weight.dtype)
         act = self.act.forward  # the host's activation, without the module-call overhead
-        w_in, b_in = self.w_in.weight.t(), self.w_in.bias
         if self.gated:
-            w_gate = self.w_gate.weight.t()
-            return (lambda x: act(torch.mm(x, w_gate)) * torch.mm(x, w_in)), \
-                self.w_out.weight.t()
-        return (lambda x: act(torch.addmm(b_in, x, w_in))), self.w_out.weight.t()
+            return act(F.linear(x, self.w_gate.weight)) * F.linear(x, self.w_in.weight)
+        return act(F.linear(x, self.w_in.weight, self.w_in.bias))
+
+    def out_weight(self) -> torch.Tensor:
+        """The output projection as ``[width, hidden]`` (a view)."""
+        return self.w_out.weight.t()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _on_rows(self, x)
 
 
 class LoRAExpert(nn.Module):
     """A low-rank expert ``B A x``: ``rank * 2 * hidden`` parameters, ``B`` starts at zero."""
 
-    def __init__(self, host_mlp: nn.Module, fam: ModelFamily, rank: int = 8) -> None:
+    def __init__(self, host_mlp: nn.Module, fam: ModelFamily, rank: int = 8,
+                 generator: Optional[torch.Generator] = None) -> None:
         super().__init__()
-        host_w = proj_weight(getattr(host_mlp, fam.in_projs[0]), fam)
-        hidden, dtype, device = host_w.shape[1], host_w.dtype, host_w.device
-        self.down = nn.Linear(hidden, rank, bias=False, device=device, dtype=dtype)
-        self.up = nn.Linear(rank, hidden, bias=False, device=device, dtype=dtype)
+        device = execution_device(host_mlp)
+        with materialised(host_mlp):
+            host_w = proj_weight(getattr(host_mlp, fam.in_projs[0]), fam)
+            hidden, dtype = host_w.shape[1], host_w.dtype
+        kw = dict(generator=generator, device=device, dtype=dtype)
+        self.down = seeded_linear(hidden, rank, False, **kw)
+        self.up = seeded_linear(rank, hidden, False, **kw)
         with torch.no_grad():
-            nn.init.normal_(self.down.weight, std=hidden ** -0.5)
+            self.down.weight.copy_(torch.empty(rank, hidden).normal_(
+                std=hidden ** -0.5, generator=generator))
             nn.init.zeros_(self.up.weight)
 
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """See :meth:`FFNExpert.hidden`."""
+        return F.linear(x.to(self.down.weight.dtype), self.down.weight)
+
+    def out_weight(self) -> torch.Tensor:
+        return self.up.weight.t()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _on_rows(serving_function(self), x)
-
-    def serving_parts(self) -> Tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor]:
-        """``(hidden, w_out)`` with ``expert(x) = hidden(x) @ w_out`` (see FFNExpert's)."""
-        down = self.down.weight.t()
-        return (lambda x: torch.mm(x, down)), self.up.weight.t()
+        return _on_rows(self, x)
 
 
-def serving_function(expert: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``expert`` on rows ``[P, hidden]``, from its :meth:`serving_parts`."""
-    hidden, w_out = expert.serving_parts()
-    return lambda x: torch.mm(hidden(x), w_out)
-
-
-def _on_rows(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """``fn`` (rows in, rows out) applied to ``x`` of any leading shape."""
-    return fn(x.reshape(-1, x.shape[-1])).view(x.shape)
+def _on_rows(expert: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``expert`` on ``x`` of any leading shape, answered in ``x``'s dtype."""
+    rows = x.reshape(-1, x.shape[-1])
+    y = torch.mm(expert.hidden(rows), expert.out_weight())
+    return y.to(x.dtype).view(x.shape)
 
 
 def make_expert(host_mlp: nn.Module, fam: ModelFamily, form: str, width: int | None,
-                init: str, rank: int) -> nn.Module:
+                init: str, rank: int, generator: Optional[torch.Generator] = None
+                ) -> nn.Module:
     """Build one expert of ``form`` (``"ffn"`` or ``"lora"``) for ``host_mlp``."""
     if form == "ffn":
-        return FFNExpert(host_mlp, fam, width=width, init=init)
+        return FFNExpert(host_mlp, fam, width=width, init=init, generator=generator)
     if form == "lora":
-        return LoRAExpert(host_mlp, fam, rank=rank)
+        return LoRAExpert(host_mlp, fam, rank=rank, generator=generator)
     raise ValueError(f"expert_form must be 'ffn' or 'lora', got {form!r}")

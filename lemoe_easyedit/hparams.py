@@ -22,6 +22,7 @@ EXPERT_INITS = ("copy", "random")
 ROUTERS = ("learned", "anchor")
 QUERY_POOLS = ("prefix_mean", "token", "ffn_input")
 KEY_INITS = ("random", "centroid")
+TORCH_DTYPES = ("float32", "bfloat16", "float16")
 
 #: Where the YAML files of this repository live (found by name, e.g. "tiny-llama").
 #: The LEMoE YAML files shipped with the package (see :mod:`.hparams_files`).
@@ -44,6 +45,12 @@ class LEMoEHyperParams(HyperParams):
     model_parallel: bool = False
     max_length: int = 40
     batch_size: int = 1
+    #: The dtype EasyEdit's ``BaseEditor`` loads the model in: ``float32`` (null: the
+    #: default), ``bfloat16`` or ``float16``. Experts are stored and served in the model's
+    #: dtype and trained through float32 master copies; routing is float32 throughout.
+    torch_dtype: Optional[str] = None
+    #: Upstream EasyEdit's switch for ``float16`` (same as ``torch_dtype: float16``).
+    fp16: bool = False
 
     # Module insertion.
     layer: int = 18
@@ -138,6 +145,11 @@ class LEMoEHyperParams(HyperParams):
             _check(isinstance(getattr(self, name), bool), name, getattr(self, name),
                    "must be true or false")
         _check(_is_int(self.seed), "seed", self.seed, "must be an integer")
+        _check(self.torch_dtype is None or self.torch_dtype in TORCH_DTYPES, "torch_dtype",
+               self.torch_dtype, f"must be null or one of {', '.join(TORCH_DTYPES)}")
+        _check(isinstance(self.fp16, bool), "fp16", self.fp16, "must be true or false")
+        _check(not self.fp16 or self.torch_dtype in (None, "float16"), "fp16", self.fp16,
+               f"contradicts torch_dtype {self.torch_dtype!r}")
 
     @classmethod
     def from_hparams(cls, hparams_name_or_path: Union[str, Path]) -> "LEMoEHyperParams":

@@ -6,9 +6,11 @@ asks :func:`family_of` for a :class:`ModelFamily` and reads its fields.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Dict, Tuple
+from typing import Dict, Iterator, Tuple
 
+import torch
 import torch.nn as nn
 
 
@@ -104,3 +106,35 @@ def ffn_width(mlp: nn.Module, fam: ModelFamily) -> int:
 def proj_weight(proj: nn.Module, fam: ModelFamily):
     """A projection's weight in ``[out, in]`` layout, whatever the family stores."""
     return proj.weight.t() if fam.conv1d else proj.weight
+
+
+def execution_device(module: nn.Module) -> torch.device:
+    """The device ``module`` computes on: accelerate's execution device where a device map
+    placed it (its weights may rest on ``meta`` when offloaded), else its weights' device."""
+    for m in module.modules():
+        hook = getattr(m, "_hf_hook", None)
+        device = getattr(hook, "execution_device", None)
+        if device is not None:
+            return torch.device(device) if not isinstance(device, int) \
+                else torch.device("cuda", device)
+    for t in module.parameters():
+        if t.device.type != "meta":
+            return t.device
+    return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def materialised(module: nn.Module) -> Iterator[nn.Module]:
+    """``module`` with every weight readable: accelerate-offloaded (CPU or disk) weights are
+    loaded onto the execution device for the duration (nothing to do without accelerate
+    or offloading)."""
+    try:
+        from accelerate.utils import align_module_device, has_offloaded_params
+    except ImportError:
+        yield module
+        return
+    with contextlib.ExitStack() as stack:
+        for m in module.modules():
+            if has_offloaded_params(m):
+                stack.enter_context(align_module_device(m))
+        yield module

@@ -49,7 +49,8 @@ import torch.nn as nn
 
 from .injection import find_adaptor
 from .layer import LEMoELayer
-from .model_families import family_of, get_submodule, mlp_path, num_layers, proj_weight
+from .model_families import (family_of, get_submodule, materialised, mlp_path, num_layers,
+                             proj_weight)
 from .routing import QueryBuilder
 from .locality import subject_ids
 from .training import encode_edits, negative_pool, train_slot
@@ -208,15 +209,66 @@ def _build_manifest(model: nn.Module, layer: LEMoELayer, slots: List[Dict]) -> D
 
 def _identity(model: nn.Module, host: nn.Module, hidden: int) -> Dict[str, Any]:
     embed = model.get_input_embeddings()
-    return {
-        "model_type": getattr(model.config, "model_type", None),
-        "architecture": type(model).__name__,
-        "num_layers": num_layers(model),
-        "hidden_size": int(hidden),
-        "vocab_size": int(embed.weight.shape[0]),
-        "host_ffn_sha256": _tensors_sha256(host.state_dict().items()),
-        "input_embeddings_sha256": _tensors_sha256([("weight", embed.weight)]),
-    }
+    with materialised(host), materialised(embed):
+        host_items = list(host.state_dict().items())
+        embed_items = [("weight", embed.weight)]
+        return {
+            "model_type": getattr(model.config, "model_type", None),
+            "architecture": type(model).__name__,
+            "num_layers": num_layers(model),
+            "hidden_size": int(hidden),
+            "vocab_size": int(embed.weight.shape[0]),
+            # Exact checksums, in the dtype the model had when saved ...
+            "dtype": str(embed.weight.dtype).replace("torch.", ""),
+            "host_ffn_sha256": _tensors_sha256(host_items),
+            "input_embeddings_sha256": _tensors_sha256(embed_items),
+            # ... and values that identify the same weights in any dtype and on any device.
+            "fingerprint": {"host_ffn": _fingerprint(host_items),
+                            "input_embeddings": _fingerprint(embed_items)},
+        }
+
+
+#: Values of each weight tensor recorded in the fingerprint.
+_FINGERPRINT_SAMPLES = 512
+#: Two fingerprints match when every sampled value agrees within this relative difference
+#: (16-bit types round to 2**-9 (bf16) or 2**-12 (fp16) of a value)...
+_FINGERPRINT_RTOL = 2.0 ** -7
+#: ... or this absolute one (fp16 flushes values below ~6e-8).
+_FINGERPRINT_ATOL = 1e-6
+
+
+def _fingerprint(named: Iterable[Tuple[str, torch.Tensor]]) -> Dict[str, Any]:
+    """Shape and ``_FINGERPRINT_SAMPLES`` values at fixed positions of each tensor: the same
+    for the same weights in any dtype or on any device (up to rounding), while another
+    model's weights differ at nearly every position."""
+    out = {}
+    gen = torch.Generator().manual_seed(0)
+    for name, t in sorted(named, key=lambda kv: kv[0]):
+        t = t.detach()
+        n = t.numel()
+        if not n or not t.is_floating_point():
+            out[name] = {"shape": list(t.shape), "values": []}
+            continue
+        index = torch.randint(n, (min(n, _FINGERPRINT_SAMPLES),), generator=gen)
+        values = t.reshape(-1)[index.to(t.device)].to("cpu", torch.float64)
+        out[name] = {"shape": list(t.shape), "values": values.tolist()}
+    return out
+
+
+def _same_fingerprint(saved: Dict[str, Any], have: Dict[str, Any]) -> Optional[str]:
+    """None when two fingerprints match, else what differs."""
+    if sorted(saved) != sorted(have):
+        return f"tensors {sorted(saved)} against {sorted(have)}"
+    for name, rec in saved.items():
+        other = have[name]
+        if rec.get("shape") != other["shape"]:
+            return f"{name!r} has shape {rec.get('shape')} against {other['shape']}"
+        a = torch.tensor(rec.get("values", []), dtype=torch.float64)
+        b = torch.tensor(other["values"], dtype=torch.float64)
+        if a.shape != b.shape or not bool(
+                ((a - b).abs() <= _FINGERPRINT_RTOL * a.abs() + _FINGERPRINT_ATOL).all()):
+            return f"{name!r} has other values"
+    return None
 
 
 def _tensors_sha256(named: Iterable[Tuple[str, torch.Tensor]]) -> str:
@@ -537,12 +589,64 @@ def _check_identity(model: nn.Module, m: Dict[str, Any], where: str) -> Tuple[nn
     host = get_submodule(model, path)
     if isinstance(host, LEMoELayer):
         host = host.base_layer
-    differ("hidden_size", int(proj_weight(getattr(host, fam.in_projs[0]), fam).shape[1]))
     embed = model.get_input_embeddings()
-    differ("vocab_size", int(embed.weight.shape[0]))
-    differ("host_ffn_sha256", _tensors_sha256(host.state_dict().items()))
-    differ("input_embeddings_sha256", _tensors_sha256([("weight", embed.weight)]))
+    with materialised(host), materialised(embed):
+        differ("hidden_size", int(proj_weight(getattr(host, fam.in_projs[0]), fam).shape[1]))
+        differ("vocab_size", int(embed.weight.shape[0]))
+        named = {"host_ffn": list(host.state_dict().items()),
+                 "input_embeddings": [("weight", embed.weight)]}
+        _check_weights(saved, named, m, where)
     return host, path
+
+
+def _check_weights(saved: Dict[str, Any], named: Dict[str, list], m: Dict[str, Any],
+                   where: str) -> None:
+    """The host FFN's and the embeddings' weights are the saved base model's.
+
+    Exact (SHA-256) when this model has the dtype it was saved from; otherwise the
+    fingerprint (sampled values, any dtype or device). A save written before fingerprints
+    existed is checked exactly, in this model's dtype or cast to the dtype it was saved
+    from (the dtype of its experts): a float32 model loads the edits of its bf16 copy, not
+    the reverse (float32 checksums cannot be recomputed from bf16 weights).
+    """
+    shas = {k: _tensors_sha256(v) for k, v in named.items()}
+    if all(saved[f"{k}_sha256"] == sha for k, sha in shas.items()):
+        return
+    fingerprint = saved.get("fingerprint")
+    if isinstance(fingerprint, dict):
+        have_dtype = str(named["input_embeddings"][0][1].dtype).replace("torch.", "")
+        if saved.get("dtype") != have_dtype:
+            for k, v in named.items():
+                why = _same_fingerprint(fingerprint.get(k, {}), _fingerprint(v))
+                if why is not None:
+                    raise EditsFileError(
+                        f"{where}: field 'base_model.fingerprint.{k}' does not match this "
+                        f"model ({why}): the edits were made on a different base model")
+            return
+    else:
+        old = _saved_expert_dtype(m)
+        if old is not None and all(
+                saved[f"{k}_sha256"] == _tensors_sha256([(n, t.to(old)) for n, t in v])
+                for k, v in named.items()):
+            return
+    k = next(k for k, sha in shas.items() if saved[f"{k}_sha256"] != sha)
+    hint = "" if isinstance(fingerprint, dict) else (
+        " (a save from before dtype-independent checks: load the base model in the dtype "
+        "the edits were saved from)")
+    raise EditsFileError(
+        f"{where}: field 'base_model.{k}_sha256' is {saved[f'{k}_sha256']!r} but this "
+        f"model's is {shas[k]!r}: the edits were made on a different base model{hint}")
+
+
+def _saved_expert_dtype(m: Dict[str, Any]) -> Optional[torch.dtype]:
+    """The dtype a save's experts were stored in (its host model's, before format
+    changes), or None."""
+    names = {v: k for k, v in _DTYPES.items()}
+    for s in m["slots"]:
+        for name, info in s["tensors"].items():
+            if name.startswith("expert."):
+                return names.get(info["dtype"])
+    return None
 
 
 def _read_tensors(source: Path, m: Dict[str, Any]) -> Dict[str, torch.Tensor]:
@@ -600,7 +704,7 @@ def _build_layer(model: nn.Module, host: nn.Module, path: str, hp, m: Dict[str, 
                        hidden)
     where = str(source / TENSORS)
     for i, info in enumerate(m["slots"]):
-        slot = layer.new_slot(seed=0)  # forked RNG: no effect on the caller's random state
+        slot = layer.new_slot(seed=0)  # own generator: the caller's random state untouched
         own = slot.state_dict()
         names = set(info["tensors"])
         if "radius" not in names:  # saved before anchors had radii: the guard alone decides
@@ -613,26 +717,30 @@ def _build_layer(model: nn.Module, host: nn.Module, path: str, hp, m: Dict[str, 
         with torch.no_grad():
             for name, target in own.items():
                 t = tensors[f"slots.{i}.{name}"]
+                # Floating tensors are cast to what this model stores them in: edits saved
+                # from a float32 model load into its bf16 copy and the reverse (the
+                # experts take the host's dtype, routing state stays float32).
                 if name == "anchors":
-                    if t.dim() != 2 or t.shape[1] != hidden or t.dtype != target.dtype:
+                    if t.dim() != 2 or t.shape[1] != hidden or not t.is_floating_point():
                         raise EditsFileError(f"{where}: slot {i} anchors are "
                                              f"{t.dtype}{list(t.shape)}, expected "
-                                             f"{target.dtype}[n, {hidden}]")
-                    slot.anchors = t.to(target.device)
+                                             f"floating [n, {hidden}]")
+                    slot.anchors = t.to(target.device, target.dtype)
                     continue
                 if name == "radius":
                     n = len(tensors[f"slots.{i}.anchors"])
-                    if t.dim() != 1 or len(t) not in (0, n) or t.dtype != target.dtype:
+                    if t.dim() != 1 or len(t) not in (0, n) or not t.is_floating_point():
                         raise EditsFileError(f"{where}: slot {i} radius is "
                                              f"{t.dtype}{list(t.shape)}, expected "
-                                             f"{target.dtype}[{n}] (one per anchor)")
-                    slot.radius = t.to(target.device)
+                                             f"floating [{n}] (one per anchor)")
+                    slot.radius = t.to(target.device, target.dtype)
                     continue
-                if t.shape != target.shape or t.dtype != target.dtype:
+                if t.shape != target.shape or t.is_floating_point() != \
+                        target.is_floating_point():
                     raise EditsFileError(f"{where}: slot {i} tensor {name!r} is "
                                          f"{t.dtype}{list(t.shape)}, this model needs "
                                          f"{target.dtype}{list(target.shape)}")
-                target.copy_(t)
+                target.copy_(t.to(target.dtype))
         if info["frozen"]:
             slot.freeze()
         else:

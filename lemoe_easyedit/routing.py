@@ -24,11 +24,10 @@ the layer rebuilds only when a slot changes.
 
 from __future__ import annotations
 
-import functools
 import inspect
 import operator
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -36,14 +35,26 @@ import torch.nn.functional as F
 
 
 class RoutingProjection(nn.Module):
-    """The per-expert bottleneck ``W_up SiLU(W_down q)`` and the expert's key."""
+    """The per-expert bottleneck ``W_up SiLU(W_down q)`` and the expert's key.
 
-    def __init__(self, hidden: int, dim: int, device=None) -> None:
+    Float32 whatever the host model's dtype, and kept so through ``model.half()`` /
+    ``model.to(dtype)`` (only the device follows): routing compares cosines that a 16-bit
+    type rounds to ~3 digits. Initial values come from ``generator`` (the global RNG when
+    None), drawn on the CPU.
+    """
+
+    def __init__(self, hidden: int, dim: int, device=None,
+                 generator: Optional[torch.Generator] = None) -> None:
         super().__init__()
-        kw = dict(device=device, dtype=torch.float32)
-        self.down = nn.Linear(hidden, dim, bias=False, **kw)
-        self.up = nn.Linear(dim, dim, bias=False, **kw)
-        self.key = nn.Parameter(torch.randn(dim, **kw) / dim ** 0.5)
+        from .experts import seeded_linear
+
+        self.down = seeded_linear(hidden, dim, False, generator, device, torch.float32)
+        self.up = seeded_linear(dim, dim, False, generator, device, torch.float32)
+        self.key = nn.Parameter(
+            (torch.randn(dim, generator=generator) / dim ** 0.5).to(device))
+
+    def _apply(self, fn, recurse: bool = True):
+        return super()._apply(keep_float32(fn), recurse)
 
     def value(self, q: torch.Tensor) -> torch.Tensor:
         return self.up(F.silu(self.down(q)))
@@ -86,6 +97,19 @@ class Routes:
         return self._gate
 
 
+def keep_float32(fn: Callable[[torch.Tensor], torch.Tensor]
+                 ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``fn`` (what ``Module._apply`` maps over tensors: ``.to()``, ``.half()``,
+    ``.cuda()``...) changed so that a float32 tensor keeps its dtype and follows only the
+    device (routing state stays float32 whatever the host model is cast to)."""
+    def apply(t: torch.Tensor) -> torch.Tensor:
+        out = fn(t)
+        if t.dtype == torch.float32 and out.dtype != torch.float32:
+            return t.to(device=out.device)
+        return out
+    return apply
+
+
 _VERSION = operator.attrgetter("_version")
 
 #: Counts changes to any slot or slot list (see :func:`note_slot_change`).
@@ -105,139 +129,107 @@ class RoutingTable:
     """Every expert's routing state stacked, so that routing costs the same few tensor
     operations whatever the number of experts.
 
-    Holds ``W_down`` of all experts as one ``[n * dim, hidden]`` matrix, the ``W_up^T k``
-    vectors as ``[n, dim]``, all anchors as one ``[hidden, N]`` matrix with the index of the
-    expert owning each column, the enabled flags, and each expert's forward bound to its
-    weights. Built without autograd from ``slots`` (:class:`~.layer.ExpertSlot`).
-    :meth:`is_current` tells whether it still describes them in a constant number of
-    steps: the slots note every structural change (:func:`note_slot_change`: a slot added,
-    removed or replaced, a tensor assigned, a state dict loaded), and the tensors written in
-    place without such a note are checked by their version counters: the ``enabled`` flags
-    (EasyEdit's release) and, for the learned router, the projections and keys (training).
-    Moving the model to another device or dtype drops the table too (``LEMoELayer._apply``).
+    Holds all anchors of the enabled experts as one ``[hidden, N]`` matrix with the expert
+    owning each column and each column's acceptance radius, and (built on first use by the
+    learned router) ``W_down`` of all experts as one ``[n * dim, hidden]`` matrix and the
+    ``W_up^T k`` vectors as ``[n, dim]``; float32, built without autograd from ``slots``
+    (:class:`~.layer.ExpertSlot`). :meth:`is_current` tells whether it still describes
+    them: the slots note every structural change (:func:`note_slot_change`: a slot added,
+    removed or replaced, a tensor assigned, a state dict loaded, training finished), and the
+    one in-place write made from outside, EasyEdit's release switching an expert off by
+    writing into its ``enabled`` flag, is seen on the flags' version counters. Moving the
+    model to another device or dtype drops the table too (``LEMoELayer._apply``).
     """
 
-    def __init__(self, slots, flags: Optional[torch.Tensor] = None) -> None:
+    def __init__(self, slots) -> None:
         slots = tuple(slots)
         self.slots = slots
         self.n = len(slots)
         self.changes = _slot_changes[0]
-        #: Every slot's ``enabled`` flag. When the slots' flags are views of this one tensor
-        #: (:func:`share_flags`, which the layer applies), one version counter covers them
-        #: all; otherwise the table reads a stacked copy and checks every flag's counter.
-        if flags is None or not _views_of(flags, slots):
-            flags = torch.stack([s._parameters["enabled"].detach() for s in slots]) \
-                if slots else torch.zeros(0)
-            self._own_flags = tuple(s._parameters["enabled"] for s in slots)
-        else:
-            self._own_flags = ()
-        self.flags = flags
+        self._flags = tuple(s._parameters["enabled"] for s in slots)
         self._flag_version = self._flag_versions()
-        # Each expert's forward as a closure over its weights, made on its first use: a
-        # table is rebuilt on every edit call, and a forward uses only the experts it routes to.
-        self._serving: List[Optional[Tuple[Callable, torch.Tensor]]] = [None] * self.n
+        self._floors: dict = {}
         anchors = [s._buffers["anchors"] for s in slots]
         with torch.no_grad():
-            self.enabled = self.flags > 0.5
-            self.live = int(self.enabled.sum())
+            flags = [bool(f.item() > 0.5) for f in self._flags]
+            self.enabled = torch.tensor(flags, dtype=torch.bool)
+            self.live = sum(flags)
             self.any_dead = self.live < self.n
             self.n_anchors = 0
-            self.owner_list: list = []
-            if slots:
-                self.dim = slots[0].routing.key.shape[0]
-                device = slots[0].routing.key.device
-                # The anchors of the enabled experts as one [hidden, N] matrix with the owner
-                # of each column: query @ anchors_t is the one product every forward makes (a
-                # contiguous pre-transposed operand makes it about twice as fast as F.linear
-                # against [N, hidden]).
-                flags = self.enabled.tolist()
-                live = [i for i in reversed(range(self.n)) if flags[i]]
-                self.anchors_t = torch.cat(
-                    [anchors[i].detach().to(device).float() for i in live]
-                    + [torch.zeros(0, anchors[0].shape[1], device=device)]).t().contiguous()
-                self.n_anchors = self.anchors_t.shape[1]
-                # Each column's acceptance radius (-1: none fitted, the guard alone decides).
-                self.radius = torch.cat([_radius_of(slots[i], device) for i in live]
-                                        + [torch.zeros(0, device=device)])
-                self.radius_list = self.radius.tolist()
-                self.has_radius = bool(self.n_anchors) and bool((self.radius > -1.0).any())
-                self.owner_list = [i for i in live for _ in range(len(anchors[i]))]
-                self.owner = torch.tensor(self.owner_list, dtype=torch.long, device=device)
-                self.dead = ~self.enabled.to(device)
-                # Per expert, added to its similarities by both anchor-router paths: an offset
-                # rising with the expert's index but spanning less than 1e-6 in all, so that a
-                # near-tie (the same prompt stored again, its hidden states a few ulps apart
-                # because they were computed in a batch of another shape) goes to the newest
-                # expert, while no real difference in similarity is ever outweighed, however
-                # many experts there are. ``anchor_bias`` is the same offset per anchor.
-                self.order = (torch.arange(self.n, device=device, dtype=torch.float32) + 1.0) \
-                    * (1e-6 / (self.n + 1))
-                self.anchor_bias = self.order[self.owner]
-                counts = torch.bincount(self.owner, minlength=self.n)
-                self.all_live_anchored = bool((counts[self.enabled.to(device)] > 0).all())
-            else:
-                self.all_live_anchored = True
-                self.has_radius = False
-
-    def expert(self, index: int) -> Tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor]:
-        """Expert ``index`` on rows as ``(hidden, w_out)``, ``expert(x) = hidden(x) @ w_out``
-        (:meth:`~.experts.FFNExpert.serving_parts`)."""
-        parts = self._serving[index]
-        if parts is None:
-            parts = self._serving[index] = self.slots[index].expert.serving_parts()
-        return parts
+            self.has_radius = False
+            self.all_live_anchored = True
+            if not slots:
+                return
+            self.dim = slots[0].routing.key.shape[0]
+            device = slots[0].routing.key.device
+            # The anchors of the enabled experts as one [hidden, N] matrix with the owner of
+            # each column: query @ anchors_t is the one product a forward makes (a contiguous
+            # pre-transposed operand is about twice as fast as F.linear against [N, hidden]).
+            live = [i for i in range(self.n) if flags[i]]
+            self.anchors_t = torch.cat(
+                [anchors[i].detach().to(device, torch.float32) for i in live]
+                + [torch.zeros(0, anchors[0].shape[1], device=device)]).t().contiguous()
+            self.n_anchors = self.anchors_t.shape[1]
+            # Each column's acceptance radius (-1: none fitted, the guard alone decides).
+            self.radius = torch.cat([_radius_of(slots[i], device) for i in live]
+                                    + [torch.zeros(0, device=device)])
+            self.has_radius = bool(self.n_anchors) and bool((self.radius > -1.0).any())
+            sizes = [len(anchors[i]) for i in live]
+            self.owner = torch.repeat_interleave(
+                torch.tensor(live, dtype=torch.long),
+                torch.tensor(sizes, dtype=torch.long)).to(device)
+            self.dead = ~self.enabled.to(device)
+            # Per expert, added to its similarities by the anchor router: an offset rising
+            # with the expert's index but spanning less than 1e-6 in all, so that a near-tie
+            # (the same prompt stored again, its hidden states a few ulps apart because they
+            # were computed in a batch of another shape) goes to the newest expert, while no
+            # real difference in similarity is ever outweighed, however many experts there
+            # are. ``anchor_bias`` is the same offset per anchor.
+            self.order = (torch.arange(self.n, device=device, dtype=torch.float32) + 1.0) \
+                * (1e-6 / (self.n + 1))
+            self.anchor_bias = self.order[self.owner]
+            self.all_live_anchored = all(sizes)
 
     def _flag_versions(self) -> int:
-        if not self._own_flags:
-            return self.flags._version
-        return sum(map(_VERSION, self._own_flags))
+        return sum(map(_VERSION, self._flags))
 
-    # The learned router's state, built on first use: the anchor router never reads it, and
-    # a serving table then holds no copy of the projections.
-    @functools.cached_property
-    def _learned_tensors(self) -> Tuple[torch.Tensor, ...]:
-        return tuple(t for s in self.slots for t in (
-            s.routing._parameters["key"], s.routing.down._parameters["weight"],
-            s.routing.up._parameters["weight"]))
+    # The learned router's state, built on first use: the anchor router never reads it. (Plain
+    # attributes rather than functools.cached_property, whose lock torch.compile cannot trace.)
+    _down: Optional[torch.Tensor] = None
+    _key_dirs: Optional[torch.Tensor] = None
 
-    def _record_learned_versions(self) -> None:
-        """Remember the version counters of the tensors ``down`` and ``key_dirs`` copy, once
-        the first of them is built (:meth:`is_current` then checks them)."""
-        if self._learned_versions is None:
-            self._learned_versions = sum(map(_VERSION, self._learned_tensors))
-
-    _learned_versions: Optional[int] = None
-
-    @functools.cached_property
+    @property
     def down(self) -> torch.Tensor:
         """``W_down`` of every expert stacked, ``[n * dim, hidden]``, float32."""
-        self._record_learned_versions()
-        with torch.no_grad():
-            # Routing is float32 whatever the model's dtype (queries are float32).
-            return torch.cat([s.routing.down.weight.detach() for s in self.slots]).float()
+        if self._down is None:
+            with torch.no_grad():
+                self._down = torch.cat([s.routing.down.weight.detach()
+                                        for s in self.slots]).float()
+        return self._down
 
-    @functools.cached_property
+    @property
     def key_dirs(self) -> torch.Tensor:
         """``W_up^T k`` of every expert, ``[n, dim]``, float32."""
-        self._record_learned_versions()
-        with torch.no_grad():
-            return torch.stack([s.routing.key_direction().detach() for s in self.slots]).float()
+        if self._key_dirs is None:
+            with torch.no_grad():
+                self._key_dirs = torch.stack([s.routing.key_direction().detach()
+                                              for s in self.slots]).float()
+        return self._key_dirs
 
-    def is_current(self, learned: bool = True) -> bool:
-        """True while the slots are still what this table was built from.
+    def is_current(self) -> bool:
+        """True while the slots are still what this table was built from: no slot change
+        noted since (one integer comparison) and no ``enabled`` flag written in place (the
+        sum of their version counters)."""
+        return self.changes == _slot_changes[0] and \
+            self._flag_versions() == self._flag_version
 
-        ``learned=False`` leaves out the routing projections and keys, which only the learned
-        router reads: a table whose keys went stale is still current for the anchor router,
-        and is rebuilt the first time the learned router asks (until it has built its
-        stacked state, there is nothing of it to go stale). Two integer comparisons when the
-        flags are shared (:func:`share_flags`): the slots' change count and the one version
-        counter of all enabled flags.
-        """
-        if self.changes != _slot_changes[0] or self._flag_versions() != self._flag_version:
-            return False
-        if not learned or self._learned_versions is None:
-            return True
-        return sum(map(_VERSION, self._learned_tensors)) == self._learned_versions
+    def floor(self, threshold: float) -> torch.Tensor:
+        """``[N]``: the least similarity at which each anchor serves a query, the larger of
+        the global ``threshold`` and its own radius."""
+        floor = self._floors.get(threshold)
+        if floor is None:
+            floor = self._floors[threshold] = self.radius.clamp_min(threshold)
+        return floor
 
     def nearest_anchor(self, flat: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(similarity, column)`` of the nearest anchor of an enabled expert for each of
@@ -246,8 +238,7 @@ class RoutingTable:
         One product against the stacked anchors plus the tie-breaking offsets
         (``anchor_bias``) and one max, values and indices together (cheaper than argmax and
         a gather). The similarity includes the offset, which moves a guard's threshold by
-        less than 1e-6. Top-1 anchor routing, in :func:`select_routes` and in the layer's
-        serving path alike.
+        less than 1e-6.
         """
         if flat.dtype != torch.float32:
             flat = flat.float()
@@ -286,44 +277,7 @@ def _radius_of(slot, device) -> torch.Tensor:
     n = len(slot._buffers["anchors"])
     if radius is None or radius.shape != (n,):
         return torch.full((n,), -1.0, device=device)
-    return radius.detach().to(device).float()
-
-
-def share_flags(slots, store: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Make the ``enabled`` flags of ``slots`` views of one tensor and return that tensor.
-
-    ``store``: the tensor of an earlier call, returned as it is while every flag still views
-    its element (an added, removed or reassigned flag makes a new one). Otherwise each
-    slot's flag is replaced by a parameter viewing its element of a new tensor (same value).
-    Views share their base's version counter, so an in-place write to any flag (EasyEdit's
-    release writes ``0`` into a flag it finds by name) bumps one counter, and a forward
-    checks whether any expert was switched off by reading one integer instead of one per
-    expert (cold in cache behind the rest of the model's forward: tens of microseconds at
-    100 experts). Code that keeps a flag should look it up by name again after a slot was
-    added or removed.
-    """
-    if store is not None and _views_of(store, slots):
-        return store
-    flags = [s._parameters["enabled"] for s in slots]
-    if not flags:
-        return torch.zeros(0)
-    with torch.no_grad():
-        store = torch.stack([f.detach() for f in flags])
-    for i, s in enumerate(slots):
-        # Not through setattr: the flag keeps its value, so no slot change is to be noted.
-        s._parameters["enabled"] = nn.Parameter(store[i], requires_grad=False)
-    return store
-
-
-def _views_of(store: torch.Tensor, slots) -> bool:
-    """Whether slot ``i``'s ``enabled`` flag is element ``i`` of ``store``, for every slot."""
-    slots = tuple(slots)
-    if store.dim() != 1 or len(store) != len(slots) or not store.is_contiguous():
-        return False
-    base, size = store.data_ptr(), store.element_size()
-    return all(f is not None and f.device == store.device and f.dtype == store.dtype
-               and f.data_ptr() == base + i * size
-               for i, f in enumerate(s._parameters.get("enabled") for s in slots))
+    return radius.detach().to(device, torch.float32)
 
 
 def select_routes(query: torch.Tensor, valid: Optional[torch.Tensor], table: RoutingTable, *,
@@ -342,16 +296,17 @@ def select_routes(query: torch.Tensor, valid: Optional[torch.Tensor], table: Rou
     k = min(top_k, table.live)
     if router == "anchor" and k == 1 and table.all_live_anchored:
         # The expert with the nearest anchor is the owner of the nearest anchor.
-        best_sim, best = (t.unsqueeze(1) for t in table.nearest_anchor(flat))
+        best_sim, best = table.nearest_anchor(flat)
         idx = table.owner[best]
-        drop = None if valid is None else ~valid.reshape(-1, 1)
+        keep = None if valid is None else valid.reshape(-1).to(idx.device)
         if guard:
-            far = best_sim < threshold
-            if table.has_radius:
-                far = far | (best_sim < table.radius[best])
-            drop = far if drop is None else drop | far
-        if drop is not None:
-            idx = idx.masked_fill(drop, -1)
+            # Served only at or above the larger of the threshold and the anchor's radius.
+            near = best_sim >= (table.floor(threshold)[best] if table.has_radius
+                                else threshold)
+            keep = near if keep is None else keep & near
+        if keep is not None:
+            idx = torch.where(keep, idx, -1)
+        idx = idx.unsqueeze(1)
         if top_k > 1:
             idx = F.pad(idx, (0, top_k - 1), value=-1)
         return Routes(idx.view(B, T, top_k))
@@ -444,21 +399,25 @@ class QueryBuilder:
             self.query = None
             self.mask, self._valid = cur_mask, None
             return
-        if embeds is None:
-            with torch.no_grad():
-                emb = self.embed
-                if type(emb) is nn.Embedding and emb.max_norm is None:
-                    embeds = F.embedding(ids, emb.weight)  # the lookup without module overhead
-                else:
-                    embeds = emb(ids)
-        else:
-            embeds = embeds.detach()
-        if embeds.dtype != torch.float32:
-            embeds = embeds.float()
+        embeds = self.embed_ids(ids) if embeds is None else embeds.detach()
         past = _past_length(bound.get("past_key_values"))
-        if cur_mask is not None and cur_mask.device != embeds.device:
-            cur_mask = cur_mask.to(embeds.device)
         self.build(embeds, cur_mask, past)
+
+    def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """The (frozen) input embeddings of ``ids``, without autograd.
+
+        This hook runs before accelerate moves the model's inputs (``device_map``), so the
+        ids are taken to the embedding's device here; an offloaded embedding (weights on
+        ``meta`` at rest) is called as a module, whose accelerate hook loads its weights.
+        """
+        emb = self.embed
+        with torch.no_grad():
+            if type(emb) is nn.Embedding and emb.max_norm is None and \
+                    getattr(emb, "_hf_hook", None) is None:
+                weight = emb.weight
+                # The lookup without module overhead.
+                return F.embedding(ids.to(weight.device, non_blocking=True), weight)
+            return emb(ids)
 
     @property
     def valid(self) -> Optional[torch.Tensor]:
@@ -512,6 +471,10 @@ class QueryBuilder:
         between generation steps.
         """
         B, T, H = embeds.shape
+        if embeds.dtype != torch.float32:
+            embeds = embeds.float()  # routing is float32 whatever the model's dtype
+        if cur_mask is not None and cur_mask.device != embeds.device:
+            cur_mask = cur_mask.to(embeds.device)
         if past and (self._seen != past or (self.pool == "prefix_mean" and (
                 self._sum is None or self._sum.shape[0] != B))):
             raise RuntimeError(

@@ -14,10 +14,11 @@ forward. Both give the same losses and the same expert, up to float rounding.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import Counter
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -27,7 +28,7 @@ from tqdm.auto import tqdm
 from .activation_cache import UpperStack
 from .layer import LEMoELayer
 from .locality import NO_RADIUS, NegativePool, fit_radii, subject_ids, subject_swaps
-from .routing import LAYER_INPUT_POOL, Routes
+from .routing import LAYER_INPUT_POOL, Routes, note_slot_change
 
 
 @dataclass
@@ -106,9 +107,7 @@ def edit_queries(model: nn.Module, layer: LEMoELayer, batch: EditBatch) -> torch
     """
     queries = layer.queries
     if queries.pool != LAYER_INPUT_POOL:
-        with torch.no_grad():
-            embeds = queries.embed(batch.input_ids).float()
-        queries.build(embeds, batch.attention_mask.float(), past=0)
+        queries.build(queries.embed_ids(batch.input_ids), batch.attention_mask, past=0)
         return queries.query
     seen = {}
 
@@ -131,13 +130,19 @@ def edit_queries(model: nn.Module, layer: LEMoELayer, batch: EditBatch) -> torch
 
 
 def prompt_queries(model: nn.Module, layer: LEMoELayer, tok, requests: Sequence[Dict],
-                   max_length: int, device) -> torch.Tensor:
-    """One query per edit: the one at the prompt's last token (used for order planning)."""
+                   max_length: int, device, chunk: int = 256) -> torch.Tensor:
+    """One query per edit: the one at the prompt's last token (used for order planning).
+
+    Computed ``chunk`` edits at a time: a whole call at once (1000 edits of a 7B model)
+    would hold every block's activations for all of them."""
     edits = encode_edits(tok, requests, max_length)
-    batch = collate(edits, _pad_id(tok), device)
-    q = edit_queries(model, layer, batch)
-    last = torch.tensor([e.prompt_len - 1 for e in edits], device=q.device)
-    return q[torch.arange(len(edits), device=q.device), last]
+    out = []
+    for start in range(0, len(edits), chunk):
+        part = edits[start:start + chunk]
+        q = edit_queries(model, layer, collate(part, _pad_id(tok), device))
+        last = torch.tensor([e.prompt_len - 1 for e in part], device=q.device)
+        out.append(q[torch.arange(len(part), device=q.device), last])
+    return torch.cat(out)
 
 
 def anchor_queries(model: nn.Module, layer: LEMoELayer, edits: Sequence[EncodedEdit], tok,
@@ -268,13 +273,14 @@ def train_slot(model: nn.Module, layer: LEMoELayer, slot_index: int,
     is raised, so a diverging run never leaves a half-trained expert behind. ``trace``, if
     given, receives the loss of every expert training step.
     """
-    device = layer.slots[slot_index].routing.key.device
-    # Seeded inside a forked RNG: the same expert for the same seed, and the caller's global
-    # random state (CUDA's included) is left as it was.
-    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
-        torch.manual_seed(hp.seed + slot_index)
+    # Every random choice of training (the minibatches and their order) comes from a
+    # generator seeded with ``hp.seed``: the same expert for the same seed, and the caller's
+    # global random state (CPU and every GPU) is neither read nor reseeded.
+    try:
         return _train_slot(model, layer, slot_index, edits, tok, hp, progress, trace,
                            negatives, edit_subjects)
+    finally:
+        note_slot_change()  # the slot's routing and expert tensors were trained in place
 
 
 def _train_slot(model, layer, slot_index, edits, tok, hp, progress, trace, negatives,
@@ -317,6 +323,7 @@ def _fit_router(layer: LEMoELayer, t: int, hp) -> Dict:
     slot = layer.slots[t]
     if hp.key_init == "centroid":
         slot.routing.init_key_at_centroid(slot.anchors)
+        note_slot_change()  # written in place: a table built before must not be reused
     live = [i for i, s in enumerate(layer.slots) if s.is_enabled and s.anchors.numel()]
     # A prompt edited again in a later expert: the later edit wins, so an anchor of an earlier
     # expert equal to one of a later expert's is stale and not trained to route to it.
@@ -377,6 +384,7 @@ def _fit_router(layer: LEMoELayer, t: int, hp) -> Dict:
     del new
     for p in params:
         p.grad = None
+    note_slot_change()  # trained in place: the expert's training must route with the result
     return {"route_steps": steps, "route_accuracy": acc}
 
 
@@ -408,7 +416,40 @@ def batch_routes(model: nn.Module, layer: LEMoELayer, batch: EditBatch) -> Route
 def _fit_expert(model, layer: LEMoELayer, slot_index: int, edits, tok, hp, progress: bool,
                 trace: Optional[List[float]]) -> Dict:
     slot = layer.slots[slot_index]
-    params = list(slot.expert.parameters())
+    with float32_masters(slot.expert) as params:
+        return _fit_expert_params(model, layer, slot_index, edits, tok, hp, progress, trace,
+                                  params)
+
+
+@contextlib.contextmanager
+def float32_masters(module: nn.Module) -> Iterator[List[nn.Parameter]]:
+    """``module``'s parameters as float32 master copies for the duration of training.
+
+    A 16-bit host model's expert is stored (and served) in the host's dtype; AdamW on
+    16-bit weights loses small updates and its second-moment state underflows, so training
+    swaps in float32 copies (the optimizer state is float32 with them) and writes the result
+    back, rounded to the stored dtype, when it ends. Float32 parameters are trained as they
+    are. Yields the parameters to optimise.
+    """
+    swapped = []
+    for owner in module.modules():
+        for name, p in list(owner._parameters.items()):
+            if p is not None and p.dtype != torch.float32 and p.is_floating_point():
+                master = nn.Parameter(p.detach().float(), requires_grad=p.requires_grad)
+                owner._parameters[name] = master
+                swapped.append((owner, name, p, master))
+    try:
+        yield list(module.parameters())
+    finally:
+        with torch.no_grad():
+            for owner, name, p, master in swapped:
+                p.copy_(master.detach().to(p.dtype))
+                owner._parameters[name] = p
+
+
+def _fit_expert_params(model, layer: LEMoELayer, slot_index: int, edits, tok, hp,
+                       progress: bool, trace: Optional[List[float]],
+                       params: List[nn.Parameter]) -> Dict:
     opt = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
     device = params[0].device
     bs = min(hp.train_batch_size, len(edits))
@@ -474,6 +515,7 @@ def _target_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     already taken at the ``m`` target positions with their token ids ``[m]`` (the
     cached-activation path). Both paths go through here.
     """
+    labels = labels.to(logits.device)  # the LM head may sit on another device (device map)
     if logits.dim() == 2:
         return F.cross_entropy(logits.float(), labels)
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
