@@ -83,18 +83,28 @@ def main(argv=None) -> int:
     p.add_argument("--skip", type=int, default=0)
     p.add_argument("--out", default=str(REPO / "examples" / "sweeps"))
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--grid", default=None,
+                   help='JSON {field: [values]} replacing the grid of the (single) method')
+    p.add_argument("--tag", default="", help="suffix of the output file names")
     args = p.parse_args(argv)
+    if args.grid:
+        if len(args.methods) != 1:
+            raise SystemExit("--grid needs exactly one method")
+        GRIDS[args.methods[0]] = json.loads(args.grid)
     torch.set_num_threads(args.threads)
     requests = heldout_requests(args.n, args.skip)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for method in args.methods:
-        base = load_hparams(method, str(REPO / "hparams" / method / "realfact-llama.yaml"))
-        from lemoe_easyedit.evaluation.runner import _resolve_path
+    from lemoe_easyedit.hparams_files import resolve_relative
 
-        base.model_name = _resolve_path(base.model_name)
+    for method in args.methods:
+        yaml_path = REPO / "hparams" / method / "realfact-llama.yaml"
+        base = load_hparams(method, str(yaml_path))
+        base.model_name = resolve_relative(base.model_name, yaml_path)
         if hasattr(base, "mom2_dataset"):
-            base.mom2_dataset = _resolve_path(base.mom2_dataset)
+            base.mom2_dataset = resolve_relative(base.mom2_dataset, yaml_path)
+        if hasattr(base, "stats_dir"):
+            base.stats_dir = str(Path(base.stats_dir).expanduser())
         grid = GRIDS[method]
         rows = []
         for values in itertools.product(*grid.values()):
@@ -132,8 +142,11 @@ def main(argv=None) -> int:
                          f"{f(r['loc_em'])} | {f(r['avg_em'])} | {f(r['rel'])} | "
                          f"{f(r['gen'])} | {f(r['loc'])} | {f(r['rel_wild'])} | "
                          f"{f(r['gen_wild'])} | {f(r['edit_s'])} |")
-        (out / f"realfact-{method}.md").write_text("\n".join(lines) + "\n")
-        (out / f"realfact-{method}.json").write_text(json.dumps(rows, indent=1) + "\n")
+        name = f"realfact-{method}{args.tag}"
+        if args.grid:
+            lines[2] = lines[2].replace(f"--n {args.n}", f"--n {args.n} --grid '{args.grid}'")
+        (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+        (out / f"{name}.json").write_text(json.dumps(rows, indent=1) + "\n")
         print("\n".join(lines))
     return 0
 
