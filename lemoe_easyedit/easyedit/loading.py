@@ -112,7 +112,7 @@ def _import_checkout() -> types.ModuleType:
             del sys.modules[name]
         raise ImportError(
             f"the EasyEdit checkout at {where} failed to import: {type(exc).__name__}: "
-            f"{exc}. Install what it needs (its requirements.txt), or remove it from "
+            f"{str(exc).rstrip('.')}. Install what it needs (its requirements.txt), or remove it from "
             f"sys.path to use the release (`{INSTALL_COMMAND}`).") from exc
 
 
