@@ -56,9 +56,20 @@ def unedited(model):
 
 
 def time_forwards(model, inputs: Sequence[dict], repeats: int) -> Dict[str, float]:
-    """Sum over ``inputs`` of each one's best forward time, edited and base, in seconds."""
+    """Sum over ``inputs`` of each one's best forward time, edited and base, in seconds;
+    with the share of positions routed to an expert and the distinct experts per forward
+    (what the experts' own cost grows with)."""
     best = {True: [float("inf")] * len(inputs), False: [float("inf")] * len(inputs)}
+    layer = find_adaptor(model)
+    routed = positions = experts = 0
     with torch.no_grad():
+        for x in inputs:
+            model(**x, use_cache=False)
+            e = layer.last_routes.expert if layer.last_routes is not None else None
+            positions += x["input_ids"].numel()
+            if e is not None:
+                routed += int((e >= 0).sum())
+                experts += len(set(e[e >= 0].tolist()))
         for rep in range(repeats + 1):  # round 0 warms up
             for j, x in enumerate(inputs):
                 for edited in ((True, False) if (rep + j) % 2 else (False, True)):
@@ -68,7 +79,8 @@ def time_forwards(model, inputs: Sequence[dict], repeats: int) -> Dict[str, floa
                         dt = time.perf_counter() - t0
                     if rep:
                         best[edited][j] = min(best[edited][j], dt)
-    return {"base_s": sum(best[False]), "edited_s": sum(best[True])}
+    return {"base_s": sum(best[False]), "edited_s": sum(best[True]),
+            "routed": routed / positions, "experts_per_forward": experts / len(inputs)}
 
 
 def testbed_rows(experts: List[int], n_prompts: int, repeats: int, n_edits: int) -> List[Dict]:
@@ -152,6 +164,9 @@ def realistic_rows(experts: List[int], n_prompts: int, repeats: int, hidden: int
             for i in range(n):
                 slot = layer.new_slot(seed=i)
                 slot.anchors = F.normalize(queries[i % len(queries)].reshape(1, -1), dim=-1)
+                # A learned key starts at its anchors' centroid (the YAMLs' key_init), so an
+                # edited prompt reaches its own expert as after training.
+                slot.routing.init_key_at_centroid(slot.anchors)
                 with torch.no_grad():
                     w = slot.expert.w_out.weight
                     w.copy_(torch.randn(w.shape, generator=gen).to(w.dtype) * 1e-3)
@@ -193,12 +208,14 @@ def main(argv=None) -> int:
         rows += testbed_rows(experts, args.prompts, args.testbed_repeats, args.edits)
     rows += realistic_rows(experts, args.prompts, args.repeats, args.hidden, args.ffn,
                            args.layers, args.expert_width)
-    print(f"| model | routing | experts | base ms / prompt | edited ms / prompt | ratio |")
-    print("|---|---|---|---|---|---|")
+    print("| model | routing | experts | positions routed | experts per forward | "
+          "base ms / prompt | edited ms / prompt | ratio |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         r["ratio"] = r["edited_s"] / r["base_s"]
         k = args.prompts
-        print(f"| {r['model']} | {r['setup']} | {r['experts']} | {1e3 * r['base_s'] / k:.3f} | "
+        print(f"| {r['model']} | {r['setup']} | {r['experts']} | {r['routed']:.0%} | "
+              f"{r['experts_per_forward']:.1f} | {1e3 * r['base_s'] / k:.3f} | "
               f"{1e3 * r['edited_s'] / k:.3f} | {r['ratio']:.3f} |")
     print(f"\n{args.prompts} prompts, one per forward, best of {args.repeats} (realistic) / "
           f"{args.testbed_repeats} (testbed); torch {torch.__version__}, "

@@ -15,11 +15,10 @@ gives the same values on every device.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .model_families import (ModelFamily, execution_device, ffn_width, materialised,
                              proj_weight)
@@ -81,14 +80,16 @@ class FFNExpert(nn.Module):
             if proj.bias is not None:
                 self.w_in.bias[:n] = proj.bias[:n]
 
+    def serving_weights(self) -> "ServingWeights":
+        """This expert's weights as plain tensors for :func:`hidden_of` (transposed views:
+        no copy; the serving path keeps them per expert until a slot changes)."""
+        return (self.w_gate.weight.t() if self.gated else None, self.w_in.weight.t(),
+                self.w_in.bias, self.w_out.weight.t(), self.act.forward)
+
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
         """The expert's hidden activations for rows ``x`` ``[P, hidden]`` (any float dtype),
         in the weights' dtype: the expert's output is ``hidden(x) @ out_weight()``."""
-        x = x.to(self.w_in.weight.dtype)
-        act = self.act.forward  # the host's activation, without the module-call overhead
-        if self.gated:
-            return act(F.linear(x, self.w_gate.weight)) * F.linear(x, self.w_in.weight)
-        return act(F.linear(x, self.w_in.weight, self.w_in.bias))
+        return hidden_of(self.serving_weights(), x)
 
     def out_weight(self) -> torch.Tensor:
         """The output projection as ``[width, hidden]`` (a view)."""
@@ -116,15 +117,40 @@ class LoRAExpert(nn.Module):
                 std=hidden ** -0.5, generator=generator))
             nn.init.zeros_(self.up.weight)
 
+    def serving_weights(self) -> "ServingWeights":
+        """See :meth:`FFNExpert.serving_weights`."""
+        return None, self.down.weight.t(), None, self.up.weight.t(), None
+
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
         """See :meth:`FFNExpert.hidden`."""
-        return F.linear(x.to(self.down.weight.dtype), self.down.weight)
+        return hidden_of(self.serving_weights(), x)
 
     def out_weight(self) -> torch.Tensor:
         return self.up.weight.t()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _on_rows(self, x)
+
+
+#: ``(gate [hidden, width] or None, in [hidden, width], in-bias or None, out [width, hidden],
+#: activation or None)``: an expert as the tensors its forward multiplies by.
+ServingWeights = Tuple[Optional[torch.Tensor], torch.Tensor, Optional[torch.Tensor],
+                       torch.Tensor, Optional[Callable[[torch.Tensor], torch.Tensor]]]
+
+
+def hidden_of(weights: ServingWeights, x: torch.Tensor) -> torch.Tensor:
+    """An expert's hidden activations for rows ``x`` ``[P, hidden]`` from its
+    :meth:`~FFNExpert.serving_weights`, in the weights' dtype (``x`` is cast when it has
+    another). Plain products against transposed views: for 2-D input these are the
+    operations ``F.linear`` reaches through three more dispatches, and this runs on every
+    routed forward."""
+    w_gate, w_in, b_in, _, act = weights
+    if x.dtype != w_in.dtype:
+        x = x.to(w_in.dtype)
+    if w_gate is not None:
+        return act(torch.mm(x, w_gate)) * torch.mm(x, w_in)
+    h = torch.mm(x, w_in) if b_in is None else torch.addmm(b_in, x, w_in)
+    return h if act is None else act(h)
 
 
 def _on_rows(expert: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.nn as nn
 
-from .experts import make_expert
+from .experts import hidden_of, make_expert
 from .model_families import ModelFamily, execution_device
 from .routing import (QueryBuilder, RoutingProjection, Routes, RoutingTable, keep_float32,
                       note_slot_change, select_routes)
@@ -204,18 +204,21 @@ class LEMoELayer(nn.Module):
         to run each routed expert on its positions only (:meth:`_add_expert_outputs`).
         """
         out = self.base_layer(x)
-        routes = self.forced_routes
+        routes, table = self.forced_routes, None
         if routes is None:
             table = self.routing_table() if len(self.slots) else None
             if table is None or not table.live:  # no experts, or none enabled
                 self.__dict__["_last_routes"] = None  # (nn.Module.__setattr__ is slow)
                 return out
-            routes = self.route(*self.queries.current(x), table=table)
+            hp = self.hparams
+            query, valid = self.queries.current(x)
+            routes = select_routes(query, valid, table, router=hp.router, top_k=hp.top_k,
+                                   guard=hp.locality_guard, threshold=hp.guard_threshold)
         self.__dict__["_last_routes"] = routes
-        return self._add_expert_outputs(x, out, routes)
+        return self._add_expert_outputs(x, out, routes, table)
 
-    def _add_expert_outputs(self, x: torch.Tensor, out: torch.Tensor,
-                            routes: Routes) -> torch.Tensor:
+    def _add_expert_outputs(self, x: torch.Tensor, out: torch.Tensor, routes: Routes,
+                            table: Optional[RoutingTable] = None) -> torch.Tensor:
         """``out`` plus every position's routed experts, weighted by the gates.
 
         Each routed expert runs once, on its positions only. Which positions those are is
@@ -225,8 +228,12 @@ class LEMoELayer(nn.Module):
         exists for every dtype and device). Up to ``_PYTHON_GROUPING`` positions of top-1
         routing (a prompt, a generation step) they are grouped in Python, and an expert's
         positions that form one run (often a single position) are served through a slice
-        of ``out`` without an index; beyond, one sort groups them.
+        of ``out`` without an index; beyond, one sort groups them. With ``table`` (serving)
+        the experts' weights are the table's views; without (routes forced by training) the
+        experts' own parameters, which training may have swapped for float32 masters.
         """
+        weights_of = table.expert_weights if table is not None else \
+            (lambda e: self.slots[e].expert.serving_weights())
         scale = self.hparams.expert_scale
         H = x.shape[-1]
         k = routes.expert.shape[-1]
@@ -246,8 +253,7 @@ class LEMoELayer(nn.Module):
                 # step): slices of ``out``, no index.
                 for e, ps in groups.items():
                     first, end = ps[0], ps[-1] + 1
-                    _add_rows(result[first:end], self.slots[e].expert, flat_x[first:end],
-                              scale)
+                    _add_rows(result[first:end], weights_of(e), flat_x[first:end], scale)
                 return result.view(out.shape)
             order = [p for ps in groups.values() for p in ps]
             counts = [len(ps) for ps in groups.values()]
@@ -258,17 +264,17 @@ class LEMoELayer(nn.Module):
             if not used:
                 return out
             counts = [counts_all[i + 1] for i in used]
-            picked = (choice >= 0).nonzero().squeeze(1)
-            which, perm = torch.sort(choice[picked], stable=True)
-            order = picked[perm]
+            # Positions by expert, unrouted ones (-1) first and skipped: the counts already
+            # read give every boundary, so no further read of the routes is needed.
+            order = torch.sort(choice, stable=True)[1][counts_all[0]:]
             result = None
         index = torch.as_tensor(order, device=x.device)
         rows = index // k if k > 1 else index
         routed_x = flat_x.index_select(0, rows)
         ys, start = [], 0
         for e, c in zip(used, counts):
-            expert = self.slots[e].expert
-            ys.append(torch.mm(expert.hidden(routed_x[start:start + c]), expert.out_weight()))
+            weights = weights_of(e)
+            ys.append(torch.mm(hidden_of(weights, routed_x[start:start + c]), weights[3]))
             start += c
         y = (ys[0] if len(ys) == 1 else torch.cat(ys)).to(out.dtype)
         if k > 1:
@@ -279,10 +285,11 @@ class LEMoELayer(nn.Module):
         return base.index_add(0, rows, y, alpha=scale).view(out.shape)
 
 
-def _add_rows(dst: torch.Tensor, expert: nn.Module, x: torch.Tensor, scale: float) -> None:
-    """``dst += scale * expert(x)`` in place, for rows ``x`` ``[P, hidden]``; the output
-    projection and the add are one ``addmm`` when the expert has ``dst``'s dtype."""
-    h, w_out = expert.hidden(x), expert.out_weight()
+def _add_rows(dst: torch.Tensor, weights, x: torch.Tensor, scale: float) -> None:
+    """``dst += scale * expert(x)`` in place, for rows ``x`` ``[P, hidden]`` and the expert's
+    serving weights; the output projection and the add are one ``addmm`` when the expert
+    has ``dst``'s dtype."""
+    h, w_out = hidden_of(weights, x), weights[3]
     if w_out.dtype == dst.dtype:
         dst.addmm_(h, w_out, alpha=scale)
     else:  # float32 master weights while training a 16-bit model's expert

@@ -149,6 +149,7 @@ class RoutingTable:
         self._flags = tuple(s._parameters["enabled"] for s in slots)
         self._flag_version = self._flag_versions()
         self._floors: dict = {}
+        self._weights: dict = {}
         anchors = [s._buffers["anchors"] for s in slots]
         with torch.no_grad():
             flags = [bool(f.item() > 0.5) for f in self._flags]
@@ -189,6 +190,15 @@ class RoutingTable:
                 * (1e-6 / (self.n + 1))
             self.anchor_bias = self.order[self.owner]
             self.all_live_anchored = all(sizes)
+
+    def expert_weights(self, index: int):
+        """Expert ``index``'s :meth:`~.experts.FFNExpert.serving_weights`, kept from its
+        first use until the table is rebuilt (the attribute lookups and transposes cost a
+        tiny model's forward more than the products)."""
+        weights = self._weights.get(index)
+        if weights is None:
+            weights = self._weights[index] = self.slots[index].expert.serving_weights()
+        return weights
 
     def _flag_versions(self) -> int:
         return sum(map(_VERSION, self._flags))
@@ -284,8 +294,9 @@ def select_routes(query: torch.Tensor, valid: Optional[torch.Tensor], table: Rou
                   router: str, top_k: int, guard: bool, threshold: float) -> Routes:
     """Choose up to ``top_k`` experts per position.
 
-    ``query``: ``[B, T, H]`` normalised queries, ``valid``: ``[B, T]`` bool (False for
-    padding; None: all valid), ``table``: the experts' stacked routing state. Gates are the
+    ``query``: ``[B, T, H]`` normalised queries, ``valid``: ``[B, T]`` bool or the model's
+    0/1 attention mask (False / 0 at padding; None: all valid), ``table``: the experts'
+    stacked routing state. Gates are the
     softmax of the chosen experts' scores, so top-1 gates are 1.
     """
     B, T, _ = query.shape
@@ -296,20 +307,25 @@ def select_routes(query: torch.Tensor, valid: Optional[torch.Tensor], table: Rou
     k = min(top_k, table.live)
     if router == "anchor" and k == 1 and table.all_live_anchored:
         # The expert with the nearest anchor is the owner of the nearest anchor.
+        # (In as few operations as it takes: this runs on every forward of an edited model.)
+        # (index_select rather than ``owner[best]``: Tensor indexing parses its arguments in
+        # Python first, several times the cost of the lookup itself.)
         best_sim, best = table.nearest_anchor(flat)
-        idx = table.owner[best]
-        keep = None if valid is None else valid.reshape(-1).to(idx.device)
+        idx = table.owner.index_select(0, best)
+        keep = None
         if guard:
             # Served only at or above the larger of the threshold and the anchor's radius.
-            near = best_sim >= (table.floor(threshold)[best] if table.has_radius
-                                else threshold)
-            keep = near if keep is None else keep & near
+            # A NaN similarity (the query of an all-zero state) is never served.
+            keep = best_sim >= (table.floor(threshold).index_select(0, best)
+                                if table.has_radius else threshold)
+        if valid is not None:  # bool, or the model's 0/1 attention mask, on query's device
+            valid = valid.reshape(-1)
+            keep = valid.bool() if keep is None else keep.logical_and(valid)
         if keep is not None:
             idx = torch.where(keep, idx, -1)
-        idx = idx.unsqueeze(1)
         if top_k > 1:
-            idx = F.pad(idx, (0, top_k - 1), value=-1)
-        return Routes(idx.view(B, T, top_k))
+            return Routes(F.pad(idx.unsqueeze(1), (0, top_k - 1), value=-1).view(B, T, top_k))
+        return Routes(idx.view(B, T, 1))
     # Nearest-anchor similarity per expert: used by the anchor router and by the guard (for
     # the learned router at top-1, only the chosen expert's is needed).
     near = table.nearest(flat) if (router == "anchor" or (guard and k > 1)) else None
@@ -320,7 +336,7 @@ def select_routes(query: torch.Tensor, valid: Optional[torch.Tensor], table: Rou
         scores = table.scores(flat)
     if table.any_dead:
         scores = scores.masked_fill(table.dead, float("-inf"))
-    drop = None if valid is None else ~valid.reshape(-1, 1)
+    drop = None if valid is None else valid.reshape(-1, 1) == 0
     if k == 1:  # the common case, in as few operations as possible (it runs every forward)
         idx = scores.argmax(1, keepdim=True)
         if guard:
@@ -394,6 +410,8 @@ class QueryBuilder:
         # The padding mask of the positions of this forward (the last T of a cached sequence).
         cur_mask = None if mask is None or mask.dim() != 2 else \
             mask if mask.shape[1] == T else mask[:, -T:]
+        if cur_mask is not None and cur_mask.dtype != torch.bool:
+            cur_mask = cur_mask != 0  # once per forward, read as truth values by routing
         if self.pool == LAYER_INPUT_POOL:
             # The layer builds the queries from its own input: only padding is needed here.
             self.query = None
@@ -427,7 +445,9 @@ class QueryBuilder:
         return self._valid
 
     def current(self, x: torch.Tensor, normalise: bool = True):
-        """``(query, valid)`` for the adapted layer's input ``x`` ``[B, T, H]``.
+        """``(query, mask)`` for the adapted layer's input ``x`` ``[B, T, H]``; ``mask`` is
+        the padding mask as the model was given it (0/1 or bool; None: no padding), on
+        ``x``'s device.
 
         With ``pool="ffn_input"`` the query of position ``p`` is ``x[:, p]`` normalised (left
         to the caller with ``normalise=False``): the FFN input of the adapted block, which
@@ -435,12 +455,11 @@ class QueryBuilder:
         ``p``. Otherwise it is what the model-level hook left.
         """
         if self.pool == LAYER_INPUT_POOL:
-            q, _ = self.layer_input(x)
-            valid = self.valid
-            if valid is not None and valid.device != x.device:
-                valid = valid.to(x.device)
-            return (unit(q) if normalise else q), valid
-        q, valid = self.query, self.valid
+            q, mask = self.layer_input(x)  # the mask as given: select_routes reads 0/1 too
+            if mask is not None and mask.device != x.device:
+                mask = mask.to(x.device)
+            return (unit(q) if normalise else q), mask
+        q, valid = self.query, self.mask  # the 0/1 mask as given (select_routes reads it)
         if q is None or q.shape[:2] != x.shape[:2]:
             raise RuntimeError("LEMoE routing queries are missing for this forward; call the "
                                "whole model, not the layer alone")
@@ -494,8 +513,11 @@ class QueryBuilder:
 
 
 def unit(q: torch.Tensor) -> torch.Tensor:
-    """``F.normalize(q, dim=-1)``, in one operation fewer."""
-    return q / torch.linalg.vector_norm(q, dim=-1, keepdim=True).clamp_min(1e-12)
+    """``q`` over its norm along the last dimension, in two operations (it runs on every
+    forward). Unlike ``F.normalize`` an all-zero row gives NaN, which no routing rule
+    serves (the guard's ``>=`` is False; the only such rows, the empty prefix sums of
+    left padding, are masked out anyway)."""
+    return q / torch.linalg.vector_norm(q, dim=-1, keepdim=True)
 
 
 def _past_length(past) -> int:

@@ -258,13 +258,16 @@ def test_table_of_no_slots_routes_nowhere():
 
 # -- expert evaluation ------------------------------------------------------------------
 
-def test_forward_calls_each_routed_expert_once_on_its_positions(tiny_models):
+def test_forward_calls_each_routed_expert_once_on_its_positions(tiny_models, monkeypatch):
+    from lemoe_easyedit import layer as layer_module
+
     model, tok, layer = _layer_with_slots(tiny_models, 20, locality_guard=False)
     calls = {}
-    for i, slot in enumerate(layer.slots):   # serving calls the expert's plain functions
-        real = slot.expert.hidden
-        slot.expert.hidden = lambda x, i=i, real=real: (
-            calls.setdefault(i, []).append(x.shape[0]), real(x))[1]
+    # Serving multiplies by each expert's weights (experts.hidden_of), not its module.
+    owner = {s.expert.w_in.weight.data_ptr(): i for i, s in enumerate(layer.slots)}
+    real = layer_module.hidden_of
+    monkeypatch.setattr(layer_module, "hidden_of", lambda w, x: (
+        calls.setdefault(owner[w[1].data_ptr()], []).append(x.shape[0]), real(w, x))[1])
     tok.padding_side = "left"
     x = tok([r["prompt"] for r in fact_requests(6)] + UNRELATED[:2], return_tensors="pt",
             padding=True)
