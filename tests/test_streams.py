@@ -120,3 +120,23 @@ def test_no_edit_path_touches_the_callers_random_state(tiny_models, tmp_path):
     apply_lemoe_to_model(m2, tok, reqs[:4], hp_for(path, max_steps=10))
     s1, s2 = find_adaptor(m1).slots[0].state_dict(), find_adaptor(m2).slots[0].state_dict()
     assert all(torch.equal(s1[k], s2[k]) for k in s1)
+
+
+@pytest.mark.parametrize("name,layers", [("llama-7b", 32), ("mistral-7b", 32),
+                                         ("qwen2.5-7b", 28), ("gpt-j-6b", 28),
+                                         ("gpt2-xl", 48)])
+def test_paper_model_yamls_sit_at_the_papers_depth_and_say_so(name, layers):
+    """Layer 18 of 32 in the paper; the other depths at the same relative depth, and every
+    "N of M" a YAML's comments state about its model names the layer it sets."""
+    import re
+
+    from lemoe_easyedit.hparams import resolve_hparams_path
+
+    path = resolve_hparams_path(name)
+    hp = LEMoEHyperParams.from_hparams(path)
+    assert hp.layer == round(18 / 32 * layers)
+    comments = " ".join(line.split("#", 1)[1] for line in path.read_text().splitlines()
+                        if "#" in line)
+    stated = [int(n) for n, m in re.findall(r"(\d+) of (\d+)", comments) if int(m) == layers]
+    assert stated and all(n == hp.layer for n in stated), stated
+    assert hp.max_experts == 5 and hp.edits_per_expert == 200
