@@ -180,6 +180,8 @@ class RoutingTable:
                 torch.tensor(live, dtype=torch.long),
                 torch.tensor(sizes, dtype=torch.long)).to(device)
             self.dead = ~self.enabled.to(device)
+            #: -1 ("no expert") as a tensor: torch.where then makes no scalar tensor.
+            self.no_expert = torch.tensor(-1, dtype=torch.long, device=device)
             # Per expert, added to its similarities by the anchor router: an offset rising
             # with the expert's index but spanning less than 1e-6 in all, so that a near-tie
             # (the same prompt stored again, its hidden states a few ulps apart because they
@@ -322,7 +324,7 @@ def select_routes(query: torch.Tensor, valid: Optional[torch.Tensor], table: Rou
             valid = valid.reshape(-1)
             keep = valid.bool() if keep is None else keep.logical_and(valid)
         if keep is not None:
-            idx = torch.where(keep, idx, -1)
+            idx = torch.where(keep, idx, table.no_expert)
         if top_k > 1:
             return Routes(F.pad(idx.unsqueeze(1), (0, top_k - 1), value=-1).view(B, T, top_k))
         return Routes(idx.view(B, T, 1))
@@ -410,8 +412,6 @@ class QueryBuilder:
         # The padding mask of the positions of this forward (the last T of a cached sequence).
         cur_mask = None if mask is None or mask.dim() != 2 else \
             mask if mask.shape[1] == T else mask[:, -T:]
-        if cur_mask is not None and cur_mask.dtype != torch.bool:
-            cur_mask = cur_mask != 0  # once per forward, read as truth values by routing
         if self.pool == LAYER_INPUT_POOL:
             # The layer builds the queries from its own input: only padding is needed here.
             self.query = None
