@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from ..realfact import integration as realfact_integration
+
 __all__ = ["add_run_arguments", "run_command", "add_compare_arguments", "compare_command",
            "run", "compare", "REPO_ROOT", "DEFAULT_HPARAMS_DIR",
            "TESTBED_CORPUS"]
@@ -72,6 +74,14 @@ def _data_arguments(p: argparse.ArgumentParser) -> None:
                         "prompt for the model's tokenizer (EasyEdit's ROME/MEMIT index the "
                         "subject's last token wrongly, or past the prompt, otherwise); the "
                         "others are listed in a warning. Same edits for every method")
+    g.add_argument("--known", default="auto", choices=("auto", "on", "off"),
+                   help="keep only records whose edit prompt, paraphrase and locality "
+                        "prompts the unedited model answers by whole-object greedy exact "
+                        "match (how many were left out, and why, is printed and recorded); "
+                        "auto: on for a realfact model (lemoe_easyedit.realfact)")
+    g.add_argument("--end-token", default="auto", choices=("auto", "on", "off"),
+                   help="edit targets followed by the tokenizer's end token, as the model "
+                        "ends its facts (scoring is unchanged); auto: on for a realfact model")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--restore", default="auto", choices=("auto", "copy", "reload"),
                    help="how the unedited model is restored between chunks")
@@ -195,6 +205,8 @@ def prepare_hparams(method: str, hparams_path: str, args: argparse.Namespace):
     if args.model is not None:
         hp.model_name = args.model
     hp.model_name = _resolve_path(hp.model_name)
+    # "tiny-llama-realfact": the default realfact model, shipped or built on first use
+    hp.model_name = realfact_integration.resolve_model_name(hp.model_name)
     if args.device is not None:
         dev = args.device
         hp.device = int(dev) if dev.lstrip("-").isdigit() else dev
@@ -251,6 +263,16 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         path = _resolve_path(path, must_exist=True)
     all_requests = data_mod.load_dataset(args.data, path, skip_malformed=args.skip_malformed)
     hp = prepare_hparams(args.method, args.hparams, args)
+    known_info = None
+    if getattr(args, "known", "auto") == "on" or (
+            getattr(args, "known", "auto") == "auto"
+            and realfact_integration.is_realfact_dir(hp.model_name)):
+        all_requests, known_info = realfact_integration.filter_known(all_requests,
+                                                                     hp.model_name)
+        print(realfact_integration.describe(known_info), file=sys.stderr)
+    end_token = getattr(args, "end_token", "auto")
+    edit_end_token = end_token == "on" or (
+        end_token == "auto" and realfact_integration.ends_facts_with_eos(hp.model_name))
     misaligned: List[int] = []
     if args.subject_aligned:
         all_requests, misaligned = _subject_aligned(all_requests, hp)
@@ -272,12 +294,15 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     }
     if args.subject_aligned:
         data_info["subject_misaligned_dropped"] = misaligned
+    if known_info is not None:
+        data_info["known_filter"] = known_info
     with open(out / "edit.log", "w", encoding="utf-8") as log:
         results = run_protocol(args.method, hp, requests, chunk_size=args.chunk,
                                checkpoint_every=args.checkpoints, eval_metric=metric,
                                greedy=not args.no_greedy, seed=args.seed,
                                restore=args.restore, progress=not args.no_progress,
-                               quiet=True, log=log, data_info=data_info)
+                               quiet=True, log=log, data_info=data_info,
+                               edit_end_token=edit_end_token)
     results["hparams_file"] = str(args.hparams)
     results["command"] = [sys.executable, "-m", "lemoe_easyedit.evaluation.runner"] + list(
         getattr(args, "_argv", []) or [])
@@ -318,7 +343,7 @@ def _forwarded_flags(args: argparse.Namespace) -> List[str]:
     flags = ["--data", args.data]
     for name in ("data_path", "num_edits", "offset", "chunk", "checkpoints", "eval_metric",
                  "seed", "restore", "model", "device", "max_length", "stats_dir", "mom2_dataset",
-                 "threads"):
+                 "threads", "known", "end_token"):
         value = getattr(args, name)
         if value is not None:
             flags += ["--" + name.replace("_", "-"), str(value)]
