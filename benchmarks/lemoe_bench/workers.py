@@ -42,10 +42,11 @@ def _worker_setup(job: dict):
 
 
 def _baseline_worker(job: dict) -> dict:
+    # The evaluation package loads easyeditor through the bridge: before easyeditor itself.
+    from lemoe_easyedit.evaluation import edit_calls, edit_mode, load_model_and_tokenizer
+
     from easyeditor.util import nethook
     from easyeditor.util.alg_dict import ALG_DICT
-
-    from lemoe_easyedit.evaluation import edit_calls, edit_mode, load_model_and_tokenizer
 
     _worker_setup(job)
     method = job["method"]
@@ -107,9 +108,12 @@ def _table_bytes(layer) -> int:
     table = layer.__dict__.get("_routing_table")
     if table is None or not table.n:
         return 0
-    built = [table.__dict__[k] for k in ("down", "key_dirs") if k in table.__dict__]
-    return sum(t.numel() * t.element_size() for t in built + [
-        table.anchors_t, table.owner, table.enabled, table.dead, table.anchor_bias])
+    # The learned router's stacked projections exist once it has routed.
+    built = [t for t in (table._down, table._key_dirs) if t is not None]
+    kept = [getattr(table, name, None) for name in ("anchors_t", "owner", "enabled", "dead",
+                                                    "anchor_bias", "radius")]
+    return sum(t.numel() * t.element_size() for t in built + kept
+               if hasattr(t, "element_size"))
 
 
 def _warm_up_runtime(model, tok, stream: Sequence[dict], prompts: Sequence[str],
