@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO))
 
 #: method -> {hparams field: values}; the product is swept. Small on purpose (CPU minutes).
 GRIDS: Dict[str, Dict[str, list]] = {
-    "LEMoE": {"layer": [2, 3], "lr": [1e-2, 3e-3], "radius_margin": [0.35]},
+    "LEMoE": {"layer": [2, 3], "lr": [1e-2, 3e-3], "query_pool": ["prefix_mean", "ffn_input"]},
     "GRACE": {"inner_params": [["model.layers[2].mlp.down_proj.weight"],
                                ["model.layers[3].mlp.down_proj.weight"]],
               "eps": [4.0, 16.0, 64.0]},
