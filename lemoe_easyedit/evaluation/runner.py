@@ -28,15 +28,14 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ..realfact import integration as realfact_integration
+from ..hparams_files import (PACKAGE_PARENT, find_hparams_file, resolve_relative,
+                             shipped_hparams_dir)
 
 __all__ = ["add_run_arguments", "run_command", "add_compare_arguments", "compare_command",
-           "run", "compare", "REPO_ROOT", "DEFAULT_HPARAMS_DIR",
-           "TESTBED_CORPUS"]
+           "run", "compare", "DEFAULT_HPARAMS_DIR", "TESTBED_CORPUS"]
 
-PACKAGE_DIR = Path(__file__).resolve().parent.parent
-#: The checkout (or install prefix) holding ``hparams/``.
-REPO_ROOT = PACKAGE_DIR.parent
-DEFAULT_HPARAMS_DIR = REPO_ROOT / "hparams"
+#: ``<METHOD>/<name>.yaml`` as shipped (the checkout's hparams/, or the installed copy).
+DEFAULT_HPARAMS_DIR = shipped_hparams_dir()
 #: ``mom2_dataset`` value meaning "the testbed world's training text, written on the fly".
 TESTBED_CORPUS = "testbed-world"
 #: Hparams file name used by ``compare`` for each data set when --hparams-name is not given.
@@ -105,7 +104,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     """Flags of ``run`` (also used by the ``lemoe-easyedit run`` subcommand)."""
     parser.add_argument("--method", required=True,
                         help="EasyEdit method name: LEMoE, ROME, MEMIT, FT, GRACE, ...")
-    parser.add_argument("--hparams", required=True, help="the method's hparams YAML file")
+    parser.add_argument("--hparams", required=True,
+                        help="the method's hparams YAML file, or the name of a shipped one "
+                             "(testbed-llama, llama-7b, ...)")
     _data_arguments(parser)
     return parser
 
@@ -126,23 +127,6 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
 
 
 # ----------------------------------------------------------------------- helpers
-
-
-def _resolve_path(value: Optional[str], must_exist: bool = False) -> Optional[str]:
-    """Expand ``~``/variables; a relative path missing from the working directory is looked
-    up relative to the repository root (so the YAML files here work from anywhere)."""
-    if value is None or not isinstance(value, str):
-        return value
-    text = os.path.expandvars(os.path.expanduser(value))
-    p = Path(text)
-    if p.is_absolute() or p.exists():
-        return str(p)
-    alt = REPO_ROOT / p
-    if alt.exists():
-        return str(alt)
-    if must_exist:
-        raise FileNotFoundError(f"{value!r} exists neither in {os.getcwd()} nor in {REPO_ROOT}")
-    return text
 
 
 def _file_sha256(path: Optional[str]) -> Optional[str]:
@@ -201,10 +185,12 @@ def prepare_hparams(method: str, hparams_path: str, args: argparse.Namespace):
     """Load the hparams and apply the command-line overrides and path resolution."""
     from .methods import load_hparams
 
-    hp = load_hparams(method, _resolve_path(hparams_path, must_exist=True))
+    path = find_hparams_file(hparams_path, method)
+    hp = load_hparams(method, str(path))
     if args.model is not None:
-        hp.model_name = args.model
-    hp.model_name = _resolve_path(hp.model_name)
+        hp.model_name = resolve_relative(args.model)
+    else:
+        hp.model_name = resolve_relative(hp.model_name, path)
     # "tiny-llama-realfact": the default realfact model, shipped or built on first use
     hp.model_name = realfact_integration.resolve_model_name(hp.model_name)
     if args.device is not None:
@@ -222,7 +208,7 @@ def prepare_hparams(method: str, hparams_path: str, args: argparse.Namespace):
         if hp.mom2_dataset == TESTBED_CORPUS:
             hp.mom2_dataset = str(write_testbed_corpus(Path(hp.stats_dir) / "corpus"))
         else:
-            hp.mom2_dataset = _resolve_path(hp.mom2_dataset)
+            hp.mom2_dataset = resolve_relative(hp.mom2_dataset, path)
     return hp
 
 
@@ -260,7 +246,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     path = args.data_path
     if path is not None and args.data != "testbed":
-        path = _resolve_path(path, must_exist=True)
+        path = resolve_relative(path, must_exist=True)
     all_requests = data_mod.load_dataset(args.data, path, skip_malformed=args.skip_malformed)
     hp = prepare_hparams(args.method, args.hparams, args)
     known_info = None
@@ -355,7 +341,7 @@ def _forwarded_flags(args: argparse.Namespace) -> List[str]:
 
 def _subprocess_env() -> Dict[str, str]:
     env = dict(os.environ)
-    root = str(PACKAGE_DIR.parent)
+    root = str(PACKAGE_PARENT)
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -93,7 +93,6 @@ def _locality_probes(request: dict) -> List[Tuple[str, str, str]]:
             if isinstance(v, dict) and v.get("prompt") and v.get("ground_truth")]
 
 
-
 def _mean(values: Iterable[Optional[float]]) -> Optional[float]:
     vals = [float(v) for v in values if v is not None and not
             (isinstance(v, float) and math.isnan(v))]
@@ -325,7 +324,6 @@ def _scoring_note(eval_metric: str, greedy: bool) -> str:
                  "(stops on its own); loc_wild = locality continuation one token past the "
                  "answer identical to the unedited model's")
     return note
-
 
 
 def score_requests(model, tok, hparams, requests: Sequence[dict], *, unedited=None,
