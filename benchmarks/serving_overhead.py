@@ -30,29 +30,14 @@ import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Sequence
+from typing import Dict, List, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from lemoe_easyedit import LEMoEHyperParams, apply_lemoe_to_model, find_adaptor
 from lemoe_easyedit.injection import inject_adaptor
-from lemoe_easyedit.model_families import get_submodule
-
-
-@contextlib.contextmanager
-def unedited(model):
-    """The model with its LEMoE layer taken out (host FFN and no routing hook)."""
-    layer = find_adaptor(model)
-    parent_path, name = layer.module_path.rsplit(".", 1)
-    parent = get_submodule(model, parent_path)
-    setattr(parent, name, layer.base_layer)
-    layer.hook_handle.remove()
-    try:
-        yield model
-    finally:
-        setattr(parent, name, layer)
-        layer.hook_handle = model.register_forward_pre_hook(layer.queries, with_kwargs=True)
+from lemoe_bench.measure import unedited  # benchmarks/ is this script's folder
 
 
 def time_forwards(model, inputs: Sequence[dict], repeats: int) -> Dict[str, float]:

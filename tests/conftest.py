@@ -68,3 +68,15 @@ def in_tmp(tmp_path, monkeypatch):
     """Run in a temp dir (EasyEdit writes ./logs/run.log)."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+def rel(model, tok, requests, max_length: int = 40) -> float:
+    """Teacher-forced accuracy of the requests' target tokens (EasyEdit's Rel)."""
+    from lemoe_easyedit.training import collate, encode_edits
+
+    b = collate(encode_edits(tok, requests, max_length), tok.pad_token_id, "cpu")
+    with torch.no_grad():
+        logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
+    pred, lab = logits[:, :-1].argmax(-1), b.labels[:, 1:]
+    m = lab != -100
+    return ((pred == lab) & m).sum().item() / m.sum().item()

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import fact_requests
+from conftest import fact_requests, rel
 from lemoe_easyedit import (LEMoEHyperParams, apply_lemoe_to_model, find_adaptor, load_edits,
                             save_edits)
 from lemoe_easyedit.persistence import MANIFEST, EditsFileError
@@ -25,16 +25,6 @@ def hp_for(path, **kw):
     hp = LEMoEHyperParams.from_hparams("tiny-llama")
     kw = {"edits_per_expert": 5, "max_steps": 60, "order_planning": False, **kw}
     return dataclasses.replace(hp, model_name=str(path), **kw)
-
-
-def rel(model, tok, requests):
-    """Teacher-forced accuracy of the target tokens (EasyEdit's Rel)."""
-    b = collate(encode_edits(tok, requests, 40), tok.pad_token_id, "cpu")
-    with torch.no_grad():
-        logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
-    pred, lab = logits[:, :-1].argmax(-1), b.labels[:, 1:]
-    m = lab != -100
-    return ((pred == lab) & m).sum().item() / m.sum().item()
 
 
 @pytest.mark.parametrize("router,pool", [("learned", "prefix_mean"), ("anchor", "ffn_input")])

@@ -118,7 +118,7 @@ def _rewrite_accuracy(model, tok, requests: Sequence[dict], batch: int = 32) -> 
 
 
 @contextlib.contextmanager
-def _unedited(model):
+def unedited(model):
     """The model with its LEMoE adaptor swapped out (host FFN back, routing hook off)."""
     from lemoe_easyedit.injection import find_adaptor
     from lemoe_easyedit.model_families import get_submodule
@@ -173,7 +173,7 @@ def _serving(model, tok, prompts: Sequence[str], gen_tokens: int, repeats: int) 
             for rep in range(repeats + 1):  # round 0 warms up and is not counted
                 for j, fn in enumerate(fns):
                     for edited in ((False, True) if (rep + j) % 2 else (True, False)):
-                        with (contextlib.nullcontext() if edited else _unedited(model)):
+                        with (contextlib.nullcontext() if edited else unedited(model)):
                             t0 = time.perf_counter()
                             fn()
                             dt = time.perf_counter() - t0
