@@ -38,13 +38,8 @@ from .release import (INSTALL_COMMAND, PKG, _module_file, _PlaceholderFinder,
                       _PlaceholderModule, _release_init_file, _removed_modeling_utils,
                       _unimportable_optional_packages, is_release)
 
-# Name of the resolver injected into the globals of every rewritten easyeditor module.
-_DEVICE_HOOK = "__lemoe_device__"
-
 _LOCK = threading.RLock()
 _STATE: Dict[str, Any] = {"module": None, "finder": None}
-_EXTRA_BATCHABLE: set = set()
-_WARNED_DEVICES: set = set()
 
 # ------------------------------------------------------------------------- loading
 
