@@ -44,9 +44,16 @@ _EASYEDIT_NAMES = {
 }
 
 
+_registered = False
+
+
 def register() -> None:
     """Load EasyEdit through :mod:`.easyedit` and register LEMoE in its ``ALG_DICT``
-    (idempotent). Raises ImportError saying why EasyEdit could not be imported."""
+    (idempotent: later calls return at once). Raises ImportError saying why EasyEdit could
+    not be imported."""
+    global _registered
+    if _registered:
+        return
     from .easyedit import load_easyeditor, register_method
 
     load_easyeditor()
@@ -54,6 +61,7 @@ def register() -> None:
     from .hparams import LEMoEHyperParams
 
     register_method("LEMoE", apply_lemoe_to_model, LEMoEHyperParams)
+    _registered = True
 
 
 def __getattr__(name: str) -> Any:

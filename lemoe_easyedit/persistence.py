@@ -144,7 +144,7 @@ def save_edits(model: nn.Module, directory: PathLike) -> Path:
         _fsync_file(tensor_path)
         _hook("tensors")
         manifest["tensors"] = {"file": TENSORS, "bytes": tensor_path.stat().st_size,
-                               "sha256": _file_sha256(tensor_path)}
+                               "sha256": file_sha256(tensor_path)}
         text = json.dumps(_jsonable(manifest), indent=1, allow_nan=False, sort_keys=False)
         with open(tmp / MANIFEST, "w", encoding="utf-8") as f:
             f.write(text + "\n")
@@ -281,7 +281,8 @@ def _tensors_sha256(named: Iterable[Tuple[str, torch.Tensor]]) -> str:
     return h.hexdigest()
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Union[str, os.PathLike]) -> str:
+    """SHA-256 of a file's bytes, read in 1 MB blocks (saves, data files, build inputs)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -667,7 +668,7 @@ def _read_tensors(source: Path, m: Dict[str, Any]) -> Dict[str, torch.Tensor]:
             have = {k: (f.get_slice(k).get_dtype(), list(f.get_slice(k).get_shape()))
                     for k in f.keys()}
             _compare_keys(where, expected, have)
-            if _file_sha256(path) != m["tensors"]["sha256"]:
+            if file_sha256(path) != m["tensors"]["sha256"]:
                 raise EditsFileError(f"{where}: SHA-256 differs from the manifest's field "
                                      f"'tensors.sha256': the file is corrupted")
             return {k: f.get_tensor(k) for k in expected}

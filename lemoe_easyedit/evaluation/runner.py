@@ -130,13 +130,9 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
 
 
 def _file_sha256(path: Optional[str]) -> Optional[str]:
-    if not path or not Path(path).is_file():
-        return None
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    from ..persistence import file_sha256
+
+    return file_sha256(path) if path and Path(path).is_file() else None
 
 
 def _requests_fingerprint(requests: Sequence[dict]) -> str:
@@ -249,16 +245,18 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         path = resolve_relative(path, must_exist=True)
     all_requests = data_mod.load_dataset(args.data, path, skip_malformed=args.skip_malformed)
     hp = prepare_hparams(args.method, args.hparams, args)
+    # A realfact build: every record it was built on is a fact it ends with its end token.
+    realfact = realfact_integration.is_realfact_dir(hp.model_name)
     known_info = None
     if getattr(args, "known", "auto") == "on" or (
             getattr(args, "known", "auto") == "auto"
-            and realfact_integration.is_realfact_dir(hp.model_name)):
+            and realfact):
         all_requests, known_info = realfact_integration.filter_known(all_requests,
                                                                      hp.model_name)
         print(realfact_integration.describe(known_info), file=sys.stderr)
     end_token = getattr(args, "end_token", "auto")
     edit_end_token = end_token == "on" or (
-        end_token == "auto" and realfact_integration.ends_facts_with_eos(hp.model_name))
+        end_token == "auto" and realfact)
     misaligned: List[int] = []
     if args.subject_aligned:
         all_requests, misaligned = _subject_aligned(all_requests, hp)

@@ -48,7 +48,8 @@ import torch
 from ..testbed.build import TrainSpec, train_model
 from ..testbed.model import ModelSpec, count_parameters, create_model
 from .knowledge import knowledge_report
-from .records import FactRecord, file_sha256, parse_spec, read_records
+from ..persistence import file_sha256
+from .records import FactRecord, parse_spec, read_records
 from .tokenizer import DEFAULT_VOCAB, build_tokenizer, concatenation_failures
 
 __all__ = ["RealFactSpec", "DEFAULT_MODEL", "DEFAULT_BACKGROUND", "default_sources",

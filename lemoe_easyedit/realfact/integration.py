@@ -8,8 +8,8 @@ end token.
   prompt the unedited model answers by whole-object greedy exact match (an edit of a fact
   the model never knew, or a locality probe it already gets wrong, measures nothing), and
   say how many were left out and for which probe;
-* :func:`ends_facts_with_eos`: whether a model directory is a realfact build, whose facts
-  all end with ``</s>``: editors are then trained on targets that end the same way.
+* :func:`is_realfact_dir`: whether a model directory is a realfact build, whose facts all
+  end with ``</s>``: editors are then trained on targets that end the same way.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from __future__ import annotations
 import json
 from collections import Counter
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
-__all__ = ["resolve_model_name", "is_realfact_dir", "ends_facts_with_eos", "filter_known"]
+__all__ = ["resolve_model_name", "is_realfact_dir", "filter_known"]
 
 
 def resolve_model_name(name):
@@ -47,11 +47,6 @@ def is_realfact_dir(path) -> bool:
     except (OSError, ValueError):
         return False
     return "knowledge" in data and "training_sequences" in data
-
-
-def ends_facts_with_eos(path) -> bool:
-    """A realfact model ends every fact it was trained on with its end token."""
-    return is_realfact_dir(path)
 
 
 def filter_known(requests: Sequence[dict], model_name: str, batch_size: int = 256

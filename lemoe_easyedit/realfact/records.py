@@ -19,15 +19,13 @@ command reads any file of these two formats, not only the shared ones.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, List, Optional, Tuple, Union
 
-__all__ = ["FORMAT_FIELDS", "FactRecord", "detect_format", "read_records", "parse_spec",
-           "file_sha256"]
+__all__ = ["FORMAT_FIELDS", "FactRecord", "detect_format", "read_records", "parse_spec"]
 
 #: Per format: the probe fields (report names) and the name of the counterfactual target.
 FORMAT_FIELDS: Dict[str, Tuple[Tuple[str, ...], str]] = {
@@ -59,15 +57,6 @@ class FactRecord:
     def edit_prompt(self) -> Optional[Tuple[str, str]]:
         """``(edit prompt, true answer)``."""
         return self.probes.get(FORMAT_FIELDS[self.fmt][0][0])
-
-
-def file_sha256(path: Union[str, os.PathLike]) -> str:
-    """SHA-256 of a file's bytes (recorded in ``build_info.json``)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def detect_format(record: dict) -> str:
