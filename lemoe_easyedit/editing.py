@@ -38,6 +38,7 @@ from .injection import find_adaptor, inject_adaptor, remove_adaptor
 from .layer import LEMoELayer
 from .ordering import EditOrderPlanner
 from .locality import subject_ids
+from .routing import SUBJECT_ROUTER
 from .training import encode_edits, negative_pool, prompt_queries, train_slot
 
 Restore = Union[Dict[str, torch.Tensor], Callable[[], None]]
@@ -54,7 +55,7 @@ def apply_lemoe_to_model(model: nn.Module, tok, requests: Sequence[Dict], hparam
     (a request the tokenizer cannot fit in ``max_length``, a diverging training run, an
     interrupt) puts the model back exactly as it was before the call, then re-raises.
     """
-    requests = validate_requests(requests)
+    requests = validate_requests(requests, subject_required=hparams.router == SUBJECT_ROUTER)
     if copy:
         model = deepcopy(model)
     hparams.check_model(model)
@@ -82,8 +83,11 @@ def apply_lemoe_to_model(model: nn.Module, tok, requests: Sequence[Dict], hparam
     return model, {}
 
 
-def validate_requests(requests: Sequence[Dict]) -> List[Dict]:
-    """Check EasyEdit request dicts; ValueError names the request index and the field."""
+def validate_requests(requests: Sequence[Dict], subject_required: bool = False) -> List[Dict]:
+    """Check EasyEdit request dicts; ValueError names the request index and the field.
+
+    ``subject_required``: every request must name its ``subject`` (the subject router).
+    """
     if isinstance(requests, dict):
         requests = [requests]
     if not isinstance(requests, (list, tuple)):
@@ -101,6 +105,9 @@ def validate_requests(requests: Sequence[Dict]) -> List[Dict]:
             if not r[key].strip():
                 raise ValueError(f"request {i}: field {key!r} is empty")
         subject = r.get("subject")
+        if subject is None and subject_required:
+            raise ValueError(f"request {i}: field 'subject' is needed by router 'subject' "
+                             f"(it routes by the subject's tokens)")
         if subject is not None:
             if not isinstance(subject, str) or not subject.strip():
                 raise ValueError(f"request {i}: field 'subject' must be a non-empty string")

@@ -13,14 +13,13 @@ import yaml
 
 from .easyedit import load_easyeditor
 from .hparams_files import find_hparams_file, resolve_relative, shipped_hparams_dir
+from .routing import QUERY_POOLS, ROUTERS, SUBJECT_ROUTER
 
 load_easyeditor()
 from easyeditor.util.hparams import HyperParams  # noqa: E402  (needs the bridge first)
 
 EXPERT_FORMS = ("ffn", "lora")
 EXPERT_INITS = ("copy", "random")
-ROUTERS = ("learned", "anchor")
-QUERY_POOLS = ("prefix_mean", "token", "ffn_input")
 KEY_INITS = ("random", "centroid")
 TORCH_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -62,6 +61,11 @@ class LEMoEHyperParams(HyperParams):
 
     # Routing.
     top_k: int = 1
+    #: ``anchor``: the expert of the nearest anchor (KV anchor routing); ``learned``: the
+    #: best ``k . v(q)`` score (the paper's router); ``subject``: the expert of the last
+    #: edit subject found in the input ids, carried to the end of the sequence (our
+    #: extension for people's phrasings, :mod:`.subjects`; top-1, needs each request's
+    #: ``subject``). The locality guard, if on, applies to all three.
     router: str = "anchor"
     #: ``prefix_mean`` / ``token``: queries from the embedding outputs (the paper's reading);
     #: ``ffn_input``: the adapted FFN's own input, contextual and equally frozen (measured
@@ -124,6 +128,8 @@ class LEMoEHyperParams(HyperParams):
                      "train_batch_size"):
             value = getattr(self, name)
             _check(_is_int(value) and value >= 1, name, value, "must be an integer >= 1")
+        _check(self.router != SUBJECT_ROUTER or self.top_k == 1, "top_k", self.top_k,
+               "must be 1 with router 'subject' (one expert per subject)")
         for name in ("route_steps", "negatives_per_edit", "min_negatives"):
             value = getattr(self, name)
             _check(_is_int(value) and value >= 0, name, value, "must be an integer >= 0")

@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from .layer import LEMoELayer
 from .model_families import family_of, get_submodule, mlp_path, proj_weight
-from .routing import QueryBuilder
+from .routing import SUBJECT_ROUTER, QueryBuilder
 
 
 def find_adaptor(model: nn.Module) -> Optional[LEMoELayer]:
@@ -31,12 +31,13 @@ def inject_adaptor(model: nn.Module, hparams) -> LEMoELayer:
             raise ValueError(f"this model already has a LEMoE adaptor at layer "
                              f"{existing.layer_index}; hparams ask for layer {hparams.layer}")
         existing.hparams = hparams
+        existing.queries.track_ids = hparams.router == SUBJECT_ROUTER
         return existing
     fam = family_of(model)
     path = mlp_path(model, hparams.layer)
     host = get_submodule(model, path)
     hidden = proj_weight(getattr(host, fam.in_projs[0]), fam).shape[1]
-    queries = QueryBuilder(model.get_input_embeddings(), hparams.query_pool)
+    queries = QueryBuilder.for_model(model, hparams)
     layer = LEMoELayer(host, fam, hparams, queries, hidden)
     layer.layer_index = hparams.layer
     layer.module_path = path

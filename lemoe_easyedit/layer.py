@@ -14,8 +14,8 @@ import torch.nn as nn
 
 from .experts import hidden_of, make_expert
 from .model_families import ModelFamily, execution_device
-from .routing import (QueryBuilder, RoutingProjection, Routes, RoutingTable, keep_float32,
-                      note_slot_change, select_routes)
+from .routing import (SUBJECT_ROUTER, QueryBuilder, RoutingProjection, Routes, RoutingTable,
+                      keep_float32, note_slot_change, select_routes)
 
 
 class SlotList(nn.ModuleList):
@@ -60,6 +60,10 @@ class ExpertSlot(nn.Module):
         #: Acceptance radius (a cosine) of each anchor, fitted from negatives
         #: (:mod:`~.locality`); empty or ``-1`` entries: only the global guard applies.
         self.register_buffer("radius", torch.zeros(0, device=device))
+        #: ``router: subject``: the token forms of the edits' subjects, ``[S, L]`` int64
+        #: right-padded with -1 (:func:`~.subjects.subject_rows`); empty for other routers.
+        self.register_buffer("subject_ids", torch.zeros(0, 0, dtype=torch.long,
+                                                        device=device))
         self.frozen = False
         self.edits: List[Dict[str, Any]] = []
 
@@ -84,6 +88,8 @@ class ExpertSlot(nn.Module):
         that)."""
         self.anchors = state["anchors"].clone()
         self.radius = state["radius"].clone()
+        if "subject_ids" in state:
+            self.subject_ids = state["subject_ids"].clone()
         self.load_state_dict(state)
         self.__dict__.pop("_anchor_owners", None)  # recorded for the anchors just replaced
 
@@ -188,12 +194,21 @@ class LEMoELayer(nn.Module):
         self.__dict__.pop("_routing_table", None)
         return super()._apply(fn, *args, **kwargs)
 
-    def route(self, query: torch.Tensor, valid: Optional[torch.Tensor],
-              table: Optional[RoutingTable] = None) -> Routes:
+    def route(self, query: Optional[torch.Tensor], valid: Optional[torch.Tensor],
+              table: Optional[RoutingTable] = None,
+              device: Optional[torch.device] = None) -> Routes:
+        """Routes of this forward's positions from their normalised ``query`` ``[B, T, H]``
+        and padding mask ``valid``. The subject router reads the input ids the query
+        builder kept (``query`` then only serves the guard and may be None without it;
+        ``device``: where to route, by default the query's)."""
         hp = self.hparams
-        return select_routes(query, valid, table or self.routing_table(), router=hp.router,
-                             top_k=hp.top_k, guard=hp.locality_guard,
-                             threshold=hp.guard_threshold)
+        table = table or self.routing_table()
+        if hp.router == SUBJECT_ROUTER:
+            return self.queries.subject_routes(
+                table, query, valid, device or query.device, guard=hp.locality_guard,
+                threshold=hp.guard_threshold)
+        return select_routes(query, valid, table, router=hp.router, top_k=hp.top_k,
+                             guard=hp.locality_guard, threshold=hp.guard_threshold)
 
     # -- forward -------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -211,9 +226,15 @@ class LEMoELayer(nn.Module):
                 self.__dict__["_last_routes"] = None  # (nn.Module.__setattr__ is slow)
                 return out
             hp = self.hparams
-            query, valid = self.queries.current(x)
-            routes = select_routes(query, valid, table, router=hp.router, top_k=hp.top_k,
-                                   guard=hp.locality_guard, threshold=hp.guard_threshold)
+            if hp.router == SUBJECT_ROUTER:
+                # The ids decide; the query is computed only for the guard.
+                query, valid = self.queries.current(x) if hp.locality_guard else \
+                    (None, self.queries.current_mask(x))
+                routes = self.route(query, valid, table, x.device)
+            else:
+                query, valid = self.queries.current(x)
+                routes = select_routes(query, valid, table, router=hp.router, top_k=hp.top_k,
+                                       guard=hp.locality_guard, threshold=hp.guard_threshold)
         self.__dict__["_last_routes"] = routes
         return self._add_expert_outputs(x, out, routes, table)
 

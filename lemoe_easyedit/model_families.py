@@ -138,3 +138,22 @@ def materialised(module: nn.Module) -> Iterator[nn.Module]:
             if has_offloaded_params(m):
                 stack.enter_context(align_module_device(m))
         yield module
+
+
+#: The name of a causal LM forward's KV cache argument: ``cache`` from transformers 5 on,
+#: ``past_key_values`` before.
+CACHE_ARGUMENTS = ("cache", "past_key_values")
+
+
+def cached_length(forward_kwargs: Dict) -> int:
+    """How many positions the KV cache passed to a model's forward already holds (0: none,
+    or a new sequence), from the forward's bound arguments."""
+    for name in CACHE_ARGUMENTS:
+        past = forward_kwargs.get(name)
+        if past is None:
+            continue
+        if hasattr(past, "get_seq_length"):
+            return int(past.get_seq_length())
+        if isinstance(past, (tuple, list)) and past and past[0] is not None:
+            return int(past[0][0].shape[-2])
+    return 0

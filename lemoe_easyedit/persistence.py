@@ -51,7 +51,7 @@ from .injection import find_adaptor
 from .layer import LEMoELayer
 from .model_families import (family_of, get_submodule, materialised, mlp_path, num_layers,
                              proj_weight)
-from .routing import QueryBuilder
+from .routing import QUERY_POOLS, ROUTERS, QueryBuilder
 from .locality import subject_ids
 from .training import encode_edits, negative_pool, train_slot
 
@@ -75,7 +75,7 @@ _DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
 
 # hparams fields the layer and training read, with what each must be (manifest checks).
 _CHOICES = {"expert_form": ("ffn", "lora"), "expert_init": ("copy", "random"),
-            "router": ("learned", "anchor"), "query_pool": ("prefix_mean", "token", "ffn_input"),
+            "router": ROUTERS, "query_pool": QUERY_POOLS,
             "key_init": ("random", "centroid")}
 _POSITIVE_INTS = ("lora_rank", "router_dim", "top_k", "max_length", "max_steps",
                   "train_batch_size")
@@ -701,8 +701,7 @@ def _build_layer(model: nn.Module, host: nn.Module, path: str, hp, m: Dict[str, 
     """A detached LEMoE layer holding the saved slots; the model is not touched."""
     fam = family_of(model)
     hidden = int(proj_weight(getattr(host, fam.in_projs[0]), fam).shape[1])
-    layer = LEMoELayer(host, fam, hp, QueryBuilder(model.get_input_embeddings(), hp.query_pool),
-                       hidden)
+    layer = LEMoELayer(host, fam, hp, QueryBuilder.for_model(model, hp), hidden)
     where = str(source / TENSORS)
     for i, info in enumerate(m["slots"]):
         slot = layer.new_slot(seed=0)  # own generator: the caller's random state untouched
@@ -710,6 +709,8 @@ def _build_layer(model: nn.Module, host: nn.Module, path: str, hp, m: Dict[str, 
         names = set(info["tensors"])
         if "radius" not in names:  # saved before anchors had radii: the guard alone decides
             own.pop("radius")
+        if "subject_ids" not in names:  # saved before the subject router existed
+            own.pop("subject_ids")
         if names != set(own):
             lack, extra = sorted(set(own) - names), sorted(names - set(own))
             raise EditsFileError(
@@ -735,6 +736,13 @@ def _build_layer(model: nn.Module, host: nn.Module, path: str, hp, m: Dict[str, 
                                              f"{t.dtype}{list(t.shape)}, expected "
                                              f"floating [{n}] (one per anchor)")
                     slot.radius = t.to(target.device, target.dtype)
+                    continue
+                if name == "subject_ids":
+                    if t.dim() != 2 or t.dtype != torch.long:
+                        raise EditsFileError(f"{where}: slot {i} subject_ids are "
+                                             f"{t.dtype}{list(t.shape)}, expected int64 "
+                                             f"[n, length]")
+                    slot.subject_ids = t.to(target.device)
                     continue
                 if t.shape != target.shape or t.is_floating_point() != \
                         target.is_floating_point():

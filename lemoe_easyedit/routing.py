@@ -33,6 +33,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .model_families import cached_length
+
 
 class RoutingProjection(nn.Module):
     """The per-expert bottleneck ``W_up SiLU(W_down q)`` and the expert's key.
@@ -209,6 +211,21 @@ class RoutingTable:
     # attributes rather than functools.cached_property, whose lock torch.compile cannot trace.)
     _down: Optional[torch.Tensor] = None
     _key_dirs: Optional[torch.Tensor] = None
+    _subjects = None
+
+    @property
+    def subjects(self):
+        """The enabled experts' subjects (:class:`~.subjects.SubjectIndex`), built on first
+        use (only the subject router reads them)."""
+        if self._subjects is None:
+            from .subjects import SubjectIndex
+
+            flags = self.enabled.tolist()
+            device = self.slots[0].routing.key.device if self.slots else None
+            self._subjects = SubjectIndex(
+                [s._buffers["subject_ids"] if on else None
+                 for s, on in zip(self.slots, flags)], device)
+        return self._subjects
 
     @property
     def down(self) -> torch.Tensor:
@@ -381,6 +398,11 @@ def _outside(table: RoutingTable, flat: torch.Tensor, idx: torch.Tensor,
 
 #: ``query_pool`` whose queries are the adapted FFN's own input, not the embedding outputs.
 LAYER_INPUT_POOL = "ffn_input"
+#: ``router`` that routes by the edit subjects found in the input ids (:mod:`.subjects`).
+SUBJECT_ROUTER = "subject"
+#: The values of ``router`` and ``query_pool`` (hparams and saved manifests check both).
+ROUTERS = ("learned", "anchor", SUBJECT_ROUTER)
+QUERY_POOLS = ("prefix_mean", "token", LAYER_INPUT_POOL)
 
 
 class QueryBuilder:
@@ -392,15 +414,30 @@ class QueryBuilder:
     forward with a non-empty KV cache continues the running prefix sums of the previous one.
     """
 
-    def __init__(self, embed: nn.Module, pool: str) -> None:
+    def __init__(self, embed: nn.Module, pool: str, track_ids: bool = False) -> None:
         self.embed = embed
         self.pool = pool
+        #: Keep each forward's input ids for the subject router (:meth:`subject_routes`).
+        self.track_ids = track_ids
+        #: This forward's ids after the last ids of the earlier positions of the sequence
+        #: (``ids_first`` of them; -1 at padding), and the expert of the last position.
+        self.ids: Optional[torch.Tensor] = None
+        self.ids_first = 0
+        self.carried: Optional[torch.Tensor] = None
         self.query: Optional[torch.Tensor] = None
         #: This forward's padding mask as the model was given it (1: token, 0: padding).
         self.mask: Optional[torch.Tensor] = None
         self._valid: Optional[torch.Tensor] = None
         self._sum: Optional[torch.Tensor] = None
         self._seen = 0
+        self._ids_seen = 0
+
+    @classmethod
+    def for_model(cls, model: nn.Module, hparams) -> "QueryBuilder":
+        """The builder ``hparams`` ask for on ``model`` (its input embeddings, the query
+        pool, and the input ids kept when the router is ``subject``)."""
+        return cls(model.get_input_embeddings(), hparams.query_pool,
+                   track_ids=hparams.router == SUBJECT_ROUTER)
 
     def __call__(self, module: nn.Module, args, kwargs) -> None:
         bound = _bind_forward(module, args, kwargs)
@@ -412,13 +449,18 @@ class QueryBuilder:
         # The padding mask of the positions of this forward (the last T of a cached sequence).
         cur_mask = None if mask is None or mask.dim() != 2 else \
             mask if mask.shape[1] == T else mask[:, -T:]
+        past = cached_length(bound)
+        if self.track_ids:
+            if ids is None:
+                raise ValueError("LEMoE's subject router needs input_ids (it finds the edit "
+                                 "subjects in them); inputs_embeds alone cannot be routed")
+            self.note_ids(ids, cur_mask, past)
         if self.pool == LAYER_INPUT_POOL:
             # The layer builds the queries from its own input: only padding is needed here.
             self.query = None
             self.mask, self._valid = cur_mask, None
             return
         embeds = self.embed_ids(ids) if embeds is None else embeds.detach()
-        past = _past_length(bound.get("past_key_values"))
         self.build(embeds, cur_mask, past)
 
     def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
@@ -466,6 +508,61 @@ class QueryBuilder:
         if q.device != x.device:
             q, valid = q.to(x.device), None if valid is None else valid.to(x.device)
         return q, valid
+
+    def current_mask(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """This forward's padding mask as the model was given it, on ``x``'s device."""
+        mask = self.mask
+        if mask is not None and mask.shape != x.shape[:2]:
+            raise RuntimeError("LEMoE routing mask does not match this forward; call the "
+                               "whole model, not the layer alone")
+        return mask if mask is None or mask.device == x.device else mask.to(x.device)
+
+    def note_ids(self, ids: torch.Tensor, cur_mask: Optional[torch.Tensor], past: int) -> None:
+        """Keep ``ids`` ``[B, T]`` (following ``past`` seen positions) for the subject
+        router, after the last ids of the earlier positions: a subject may end in this
+        forward but begin in an earlier one (a KV-cache step)."""
+        from .subjects import MAX_SUBJECT_TOKENS
+
+        if cur_mask is not None:
+            ids = ids.masked_fill(cur_mask.to(ids.device) == 0, -1)  # padding never matches
+        if past:
+            tail = self.ids
+            if tail is None or self._ids_seen != past or tail.shape[0] != ids.shape[0]:
+                raise RuntimeError(
+                    f"LEMoE routing state does not match the KV cache (cache holds {past} "
+                    f"positions, routing saw {self._ids_seen}); beam search and cache "
+                    f"reordering are not supported, use greedy or sampling generation")
+            tail = tail[:, -(MAX_SUBJECT_TOKENS - 1):]
+            self.ids, self.ids_first = torch.cat([tail.to(ids.device), ids], 1), tail.shape[1]
+        else:
+            self.ids, self.ids_first, self.carried = ids, 0, None
+        self._ids_seen = past + ids.shape[1]
+
+    def subject_routes(self, table: RoutingTable, query: Optional[torch.Tensor],
+                       valid: Optional[torch.Tensor], device: torch.device, *, guard: bool,
+                       threshold: float) -> Routes:
+        """Routes of the subject router: each position goes to the expert whose subject
+        ended last at or before it in this sequence (:mod:`.subjects`); with ``guard``, only
+        where ``query`` is also within that expert's anchors' guard. Padding (``valid``
+        False / 0) goes nowhere."""
+        from .subjects import carry
+
+        if self.ids is None:
+            raise RuntimeError("LEMoE subject routing has no input ids for this forward; "
+                               "call the whole model, not the layer alone")
+        ids = self.ids if self.ids.device == device else self.ids.to(device)
+        carried = self.carried
+        expert = carry(table.subjects.matches(ids, self.ids_first),
+                       None if carried is None else carried.to(device))
+        self.carried = expert[:, -1]
+        B, T = expert.shape
+        if guard and query is not None and table.n_anchors:
+            far = _outside(table, query.reshape(B * T, -1), expert.reshape(-1, 1), None,
+                           threshold)
+            expert = expert.masked_fill(far.view(B, T), -1)
+        if valid is not None:
+            expert = expert.masked_fill(valid == 0, -1)
+        return Routes(expert.unsqueeze(-1))
 
     def layer_input(self, x: torch.Tensor):
         """``(x as float32 without autograd, this forward's raw padding mask or None)``.
@@ -518,16 +615,6 @@ def unit(q: torch.Tensor) -> torch.Tensor:
     serves (the guard's ``>=`` is False; the only such rows, the empty prefix sums of
     left padding, are masked out anyway)."""
     return q / torch.linalg.vector_norm(q, dim=-1, keepdim=True)
-
-
-def _past_length(past) -> int:
-    if past is None:
-        return 0
-    if hasattr(past, "get_seq_length"):
-        return int(past.get_seq_length())
-    if isinstance(past, (tuple, list)) and past and past[0] is not None:
-        return int(past[0][0].shape[-2])
-    return 0
 
 
 _SIGNATURES: dict = {}

@@ -28,7 +28,8 @@ from tqdm.auto import tqdm
 from .activation_cache import UpperStack
 from .layer import LEMoELayer
 from .locality import NO_RADIUS, NegativePool, fit_radii, subject_ids, subject_swaps
-from .routing import LAYER_INPUT_POOL, Routes, note_slot_change
+from .routing import LAYER_INPUT_POOL, SUBJECT_ROUTER, Routes, note_slot_change
+from .subjects import subject_rows
 
 
 @dataclass
@@ -106,6 +107,8 @@ def edit_queries(model: nn.Module, layer: LEMoELayer, batch: EditBatch) -> torch
     need only the embeddings; ``ffn_input`` runs the model up to the adapted FFN.
     """
     queries = layer.queries
+    if queries.track_ids:
+        queries.note_ids(batch.input_ids, batch.attention_mask, past=0)
     if queries.pool != LAYER_INPUT_POOL:
         queries.build(queries.embed_ids(batch.input_ids), batch.attention_mask, past=0)
         return queries.query
@@ -288,6 +291,9 @@ def _train_slot(model, layer, slot_index, edits, tok, hp, progress, trace, negat
     slot = layer.slots[slot_index]
     device = slot.routing.key.device
     snapshot = {k: v.detach().clone() for k, v in slot.state_dict().items()}
+    if hp.router == SUBJECT_ROUTER:
+        # Before anything routes: training routes the edits as serving will.
+        slot.subject_ids = subject_rows(tok, slot.edits).to(device)
     full = collate(edits, _pad_id(tok), device)
     anchors = edit_queries(model, layer, full)[full.anchor_mask]
     slot.anchors = anchors.detach().clone()
@@ -533,3 +539,4 @@ def _pad_id(tok) -> int:
         if cand is not None:
             return int(cand)
     return 0
+

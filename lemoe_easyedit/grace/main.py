@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import easyedit
+from ..model_families import cached_length
 from .adapter import EARLY_STOP_LOSS, GraceAdapter, find_grace
 from .hparams import GraceHyperParams
 
@@ -44,14 +45,7 @@ def inject_grace(model: nn.Module, hparams: GraceHyperParams) -> GraceAdapter:
     setattr(_get_module(model, parent_path) if parent_path else model, name, adapter)
 
     def mark_continuation(module, args, kwargs):
-        pkv = kwargs.get("past_key_values")
-        continuing = False
-        if pkv is not None:
-            try:
-                continuing = int(pkv.get_seq_length()) > 0
-            except (AttributeError, TypeError):
-                continuing = len(pkv) > 0
-        adapter._continuing = continuing
+        adapter._continuing = cached_length(kwargs) > 0
 
     adapter.hook_handle = model.register_forward_pre_hook(mark_continuation, with_kwargs=True)
     return adapter

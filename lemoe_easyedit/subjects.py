@@ -1,0 +1,171 @@
+"""Subject routing (``router: subject``): a position goes to the expert of the last edit
+subject that occurs in the text up to it.
+
+Why: on people's phrasings (EasyEdit's CounterFact and zsRE files) a paraphrase of an edit
+and a neighbour (same relation, another subject) differ in the subject and little else, and
+no query computed at the position being predicted tells them apart (measured in
+``examples/results/realfact-subject-keys.md``). The subject's tokens do: they are in every
+paraphrase and in no neighbour. So each expert keeps the token ids of its edits' subjects
+(the forms a tokenizer gives the subject at the start of a text, after a space and inside
+the edit prompt), and a forward finds them in its input ids: the expert whose subject ended
+last at or before a position serves that position, and every later one up to the end of
+the sequence (including generated tokens, carried between KV-cache steps).
+
+Matching is exact and tensor code: each window of the input ending at a position is hashed
+(a polynomial over the ids, wrapping in int64), looked up with ``searchsorted`` in the
+experts' sorted subject hashes, and confirmed token by token, so a hash collision never
+routes. The same subject in several experts goes to the newest.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+#: A subject is matched on its last this-many tokens (longer names are rare, and the
+#: tail of earlier positions kept between generation steps is this long minus one).
+MAX_SUBJECT_TOKENS = 32
+#: Odd multiplier of the window hash (any odd 64-bit constant mixes ids well enough: a
+#: collision is caught by the token-by-token check).
+_HASH_BASE = 0x9E3779B97F4A7C15 - (1 << 64)
+
+
+def subject_token_forms(tok, request: Dict) -> List[List[int]]:
+    """The token-id sequences under which ``request["subject"]`` may appear in a text.
+
+    As the tokenizer writes it at the start of a text, after a space, and inside the edit
+    prompt (a fast tokenizer's offsets locate it there). Raises ValueError when the request
+    has no subject or the subject yields no tokens.
+    """
+    subject = request.get("subject")
+    if not isinstance(subject, str) or not subject.strip():
+        raise ValueError(f"router 'subject' needs each request's 'subject'; got {subject!r} "
+                         f"for prompt {request.get('prompt')!r}")
+    forms = [_ids(tok, subject)]
+    before = _ids(tok, "x")
+    spaced = _ids(tok, "x " + subject)
+    if spaced[:len(before)] == before:
+        forms.append(spaced[len(before):])
+    forms.append(_in_prompt(tok, request["prompt"], subject))
+    out: List[List[int]] = []
+    for form in forms:
+        form = form[-MAX_SUBJECT_TOKENS:] if form else form
+        if form and form not in out:
+            out.append(form)
+    if not out:
+        raise ValueError(f"subject {subject!r} has no tokens")
+    return out
+
+
+def _ids(tok, text: str) -> List[int]:
+    return list(tok(text, add_special_tokens=False)["input_ids"])
+
+
+def _in_prompt(tok, prompt: str, subject: str) -> List[int]:
+    """The prompt's tokens that overlap the subject's last occurrence (empty: the tokenizer
+    gives no offsets, or the subject is not in the prompt)."""
+    start = prompt.rfind(subject)
+    if start < 0 or not getattr(tok, "is_fast", False):
+        return []
+    end = start + len(subject)
+    enc = tok(prompt, add_special_tokens=False, return_offsets_mapping=True)
+    return [i for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"])
+            if a < end and b > start]
+
+
+def subject_rows(tok, records: Sequence[Dict]) -> torch.Tensor:
+    """``[S, L]`` int64: every token form of every record's subject, right-padded with -1
+    (:func:`subject_token_forms`); what an :class:`~.layer.ExpertSlot` stores."""
+    forms = [form for r in records for form in subject_token_forms(tok, r)]
+    width = max(len(f) for f in forms)
+    rows = torch.full((len(forms), width), -1, dtype=torch.long)
+    for i, form in enumerate(forms):
+        rows[i, :len(form)] = torch.tensor(form, dtype=torch.long)
+    return rows
+
+
+def window_hashes(ids: torch.Tensor, n: int) -> torch.Tensor:
+    """Hash of each window of ``n`` ids along the last dimension: ``[..., L - n + 1]``."""
+    windows = ids.unfold(-1, n, 1)
+    powers = _powers(n, ids.device)
+    return (windows * powers).sum(-1)
+
+
+def _powers(n: int, device) -> torch.Tensor:
+    p, out = 1, []
+    for _ in range(n):
+        out.append(p)
+        p = ((p * _HASH_BASE + (1 << 63)) % (1 << 64)) - (1 << 63)  # int64 wrap-around
+    return torch.tensor(out[::-1], dtype=torch.long, device=device)
+
+
+class SubjectIndex:
+    """The enabled experts' subjects, grouped by length for lookup.
+
+    ``slot_rows``: per slot, its ``[S, L]`` subject rows (:func:`subject_rows`) or None for a
+    disabled slot. For each length ``n``: the sorted window hashes, the rows in that order
+    (to confirm a match) and the slot owning each.
+    """
+
+    def __init__(self, slot_rows: Sequence[Optional[torch.Tensor]], device) -> None:
+        by_length: Dict[int, List[tuple]] = {}
+        for owner, rows in enumerate(slot_rows):
+            if rows is None:
+                continue
+            for row in rows.tolist():
+                form = [t for t in row if t >= 0]
+                if form:
+                    by_length.setdefault(len(form), []).append((form, owner))
+        self.lengths: List[int] = sorted(by_length)
+        self.tables = []
+        for n in self.lengths:
+            forms = torch.tensor([f for f, _ in by_length[n]], dtype=torch.long, device=device)
+            owners = torch.tensor([o for _, o in by_length[n]], dtype=torch.long, device=device)
+            hashes = window_hashes(forms, n).squeeze(-1)
+            # Stable: among equal hashes the newest slot comes last, which the lookup takes.
+            hashes, order = torch.sort(hashes, stable=True)
+            self.tables.append((n, hashes, forms[order], owners[order]))
+
+    @property
+    def longest(self) -> int:
+        return self.lengths[-1] if self.lengths else 0
+
+    def matches(self, ids: torch.Tensor, first: int) -> torch.Tensor:
+        """``[B, T]``: the slot whose subject ends at each of the last ``T = L - first``
+        positions of ``ids`` ``[B, L]`` (-1: none; negative ids never match). Where subjects
+        of several lengths end at one position, the longest wins."""
+        B, L = ids.shape
+        found = torch.full((B, L - first), -1, dtype=torch.long, device=ids.device)
+        for n, hashes, forms, owners in self.tables:
+            # Windows ending at positions first..L-1 (those starting before 0 cannot match).
+            lo = max(first - n + 1, 0)
+            if L - lo < n:
+                continue
+            span = ids[:, lo:]
+            h = window_hashes(span, n)                                  # [B, L - lo - n + 1]
+            at = (torch.searchsorted(hashes, h.contiguous(), right=True) - 1).clamp_min(0)
+            hit = hashes[at] == h
+            hit &= (span.unfold(-1, n, 1) == forms[at]).all(-1)        # no collision routes
+            owner = torch.where(hit, owners[at], -1)
+            # The window starting at span[j] ends at position lo + j + n - 1.
+            end = lo + n - 1
+            skip = max(first - end, 0)
+            owner = owner[:, skip:]
+            dst = end + skip - first
+            found[:, dst:dst + owner.shape[1]] = torch.where(
+                owner >= 0, owner, found[:, dst:dst + owner.shape[1]])
+        return found
+
+
+def carry(found: torch.Tensor, carried: Optional[torch.Tensor]) -> torch.Tensor:
+    """``[B, T]``: at each position the slot found last at or before it (``found`` ``[B,
+    T]``, -1 none), else ``carried`` ``[B]`` (the last slot of the earlier positions of
+    the sequence; None: -1)."""
+    B, T = found.shape
+    pos = torch.arange(T, device=found.device).expand(B, T)
+    last = torch.where(found >= 0, pos, -1).cummax(1).values
+    out = found.gather(1, last.clamp_min(0))
+    before = torch.full((B, 1), -1, dtype=torch.long, device=found.device) \
+        if carried is None else carried.reshape(B, 1)
+    return torch.where(last >= 0, out, before)

@@ -1,0 +1,125 @@
+"""The subject router (``router: subject``): matching, carrying, editing, saving."""
+
+import dataclasses
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import fact_requests
+from lemoe_easyedit import (LEMoEHyperParams, apply_lemoe_to_model, find_adaptor, load_edits,
+                            save_edits)
+from lemoe_easyedit.subjects import SubjectIndex, carry, subject_rows, subject_token_forms
+
+
+def load(path):
+    return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+
+
+def subject_hp(path, **kw):
+    hp = LEMoEHyperParams.from_hparams("tiny-llama")
+    kw = {"router": "subject", "locality_guard": False, "edits_per_expert": 2,
+          "max_steps": 60, "order_planning": False, **kw}
+    return dataclasses.replace(hp, model_name=str(path), **kw)
+
+
+def rows(*forms):
+    width = max(len(f) for f in forms)
+    return torch.tensor([f + [-1] * (width - len(f)) for f in forms])
+
+
+def test_matches_find_each_subject_where_it_ends_longest_and_newest_first():
+    index = SubjectIndex([rows([5, 6], [7]), None, rows([6]), rows([5, 6])], "cpu")
+    ids = torch.tensor([[1, 5, 6, 2, 7, 6, -1]])
+    # [5, 6] ends at 2: slots 0 and 3 hold it (newest: 3) and [6] (slot 2) is shorter;
+    # [7] at 4 (slot 0); [6] alone at 5 (slot 2); -1 (padding) never matches.
+    assert index.matches(ids, 0).tolist() == [[-1, -1, 3, -1, 0, 2, -1]]
+    # Only the last 3 positions asked for; a subject may begin in the part before them.
+    assert index.matches(ids, 4).tolist() == [[0, 2, -1]]
+    assert index.matches(torch.tensor([[9, 5]]), 1).tolist() == [[-1]]
+
+
+def test_a_hash_collision_never_routes():
+    index = SubjectIndex([rows([5, 6])], "cpu")
+    n, hashes, forms, owners = index.tables[0]
+    index.tables[0] = (n, hashes, torch.tensor([[5, 7]]), owners)  # same hash, other ids
+    assert index.matches(torch.tensor([[5, 6]]), 0).tolist() == [[-1, -1]]
+
+
+def test_carry_keeps_the_last_subject_to_the_end_and_across_calls():
+    found = torch.tensor([[-1, 2, -1, -1, 4, -1], [-1, -1, -1, -1, -1, -1]])
+    assert carry(found, None).tolist() == [[-1, 2, 2, 2, 4, 4], [-1] * 6]
+    assert carry(found, torch.tensor([1, 3])).tolist() == [[1, 2, 2, 2, 4, 4], [3] * 6]
+
+
+def test_subject_forms_cover_start_of_text_after_a_space_and_inside_the_prompt(tiny_models):
+    _, tok = load(tiny_models("gpt2"))   # byte-level BPE: "Ann" and " Ann" are other tokens
+    req = {"prompt": "Where was Alice Smith born", "target_new": "Rome",
+           "subject": "Alice Smith"}
+    forms = subject_token_forms(tok, req)
+    assert tok("Alice Smith")["input_ids"] in forms
+    assert tok(" Alice Smith")["input_ids"] in forms
+    table = subject_rows(tok, [req, dict(req, subject="Smith")])
+    assert table.dtype == torch.long and (table >= -1).all()
+    with pytest.raises(ValueError, match="subject"):
+        subject_token_forms(tok, {"prompt": "x", "target_new": "y"})
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_subject_router_serves_paraphrases_and_leaves_other_subjects_alone(tiny_models,
+                                                                             family):
+    path = tiny_models(family)
+    model, tok = load(path)
+    reqs = fact_requests(6)
+    apply_lemoe_to_model(model, tok, reqs, subject_hp(path))
+    layer = find_adaptor(model)
+    subjects = {r["subject"] for r in reqs}
+    for r in reqs:
+        # The edit's subject in words the editor never saw: routed from the subject on.
+        text = f"Everyone asks where {r['subject']} grew up, and"
+        with torch.no_grad():
+            model(**tok(text, return_tensors="pt"))
+        route = layer.last_routes.expert[0, :, 0]
+        owner = next(i for i, s in enumerate(layer.slots)
+                     if r["prompt"] in [e["prompt"] for e in s.edits])
+        assert route[-1].item() == owner
+        assert route[0].item() == -1
+    with torch.no_grad():
+        model(**tok("Nobody asks where the mayor grew up, and", return_tensors="pt"))
+    assert (layer.last_routes.expert == -1).all(), "a text without an edited subject"
+    assert all(s not in "Nobody asks where the mayor grew up" for s in subjects)
+
+
+def test_subject_router_edits_persist_through_save_and_load(tiny_models, tmp_path):
+    path = tiny_models("llama")
+    model, tok = load(path)
+    reqs = fact_requests(4)
+    apply_lemoe_to_model(model, tok, reqs, subject_hp(path))
+    save_edits(model, tmp_path / "edits")
+    fresh, _ = load(path)
+    load_edits(fresh, tmp_path / "edits")
+    x = tok([f"They say {r['subject']} was born in the city of" for r in reqs],
+            return_tensors="pt", padding=True)
+    with torch.no_grad():
+        a, b = model(**x).logits, fresh(**x).logits
+    assert torch.equal(find_adaptor(model).last_routes.expert,
+                       find_adaptor(fresh).last_routes.expert)
+    torch.testing.assert_close(a, b)
+    for s, t in zip(find_adaptor(model).slots, find_adaptor(fresh).slots):
+        assert torch.equal(s.subject_ids, t.subject_ids)
+
+
+def test_subject_router_rejects_what_it_cannot_route(tiny_models):
+    path = tiny_models("llama")
+    model, tok = load(path)
+    req = dict(fact_requests(1)[0])
+    req.pop("subject")
+    with pytest.raises(ValueError, match="request 0: field 'subject'"):
+        apply_lemoe_to_model(model, tok, [req], subject_hp(path))
+    assert find_adaptor(model) is None or not len(find_adaptor(model).slots)
+    with pytest.raises(ValueError, match="top_k"):
+        subject_hp(path, top_k=2)
+    apply_lemoe_to_model(model, tok, fact_requests(2), subject_hp(path))
+    embeds = model.get_input_embeddings()(tok("Alice", return_tensors="pt")["input_ids"])
+    with pytest.raises(ValueError, match="input_ids"):
+        model(inputs_embeds=embeds)
