@@ -14,8 +14,8 @@ import torch.nn as nn
 
 from .experts import hidden_of, make_expert
 from .model_families import ModelFamily, execution_device
-from .routing import (SUBJECT_ROUTER, QueryBuilder, RoutingProjection, Routes, RoutingTable,
-                      keep_float32, note_slot_change, select_routes)
+from .routing import (SUBJECT_BUFFERS, SUBJECT_ROUTER, QueryBuilder, RoutingProjection,
+                      Routes, RoutingTable, keep_float32, note_slot_change, select_routes)
 
 
 class SlotList(nn.ModuleList):
@@ -60,10 +60,13 @@ class ExpertSlot(nn.Module):
         #: Acceptance radius (a cosine) of each anchor, fitted from negatives
         #: (:mod:`~.locality`); empty or ``-1`` entries: only the global guard applies.
         self.register_buffer("radius", torch.zeros(0, device=device))
-        #: ``router: subject``: the token forms of the edits' subjects, ``[S, L]`` int64
-        #: right-padded with -1 (:func:`~.subjects.subject_rows`); empty for other routers.
-        self.register_buffer("subject_ids", torch.zeros(0, 0, dtype=torch.long,
-                                                        device=device))
+        #: ``router: subject`` (:mod:`~.subjects`): the token forms of the edits' subjects,
+        #: ``[S, L]`` int64 right-padded with -1, the subject key of each form ``[S]``, and
+        #: the subject key of each anchor ``[n_anchors]``; empty for the other routers.
+        long = dict(dtype=torch.long, device=device)
+        self.register_buffer("subject_ids", torch.zeros(0, 0, **long))
+        self.register_buffer("subject_keys", torch.zeros(0, **long))
+        self.register_buffer("anchor_subjects", torch.zeros(0, **long))
         self.frozen = False
         self.edits: List[Dict[str, Any]] = []
 
@@ -88,8 +91,9 @@ class ExpertSlot(nn.Module):
         that)."""
         self.anchors = state["anchors"].clone()
         self.radius = state["radius"].clone()
-        if "subject_ids" in state:
-            self.subject_ids = state["subject_ids"].clone()
+        for name in SUBJECT_BUFFERS:
+            if name in state:
+                setattr(self, name, state[name].clone())
         self.load_state_dict(state)
         self.__dict__.pop("_anchor_owners", None)  # recorded for the anchors just replaced
 
@@ -194,19 +198,16 @@ class LEMoELayer(nn.Module):
         self.__dict__.pop("_routing_table", None)
         return super()._apply(fn, *args, **kwargs)
 
-    def route(self, query: Optional[torch.Tensor], valid: Optional[torch.Tensor],
-              table: Optional[RoutingTable] = None,
-              device: Optional[torch.device] = None) -> Routes:
+    def route(self, query: torch.Tensor, valid: Optional[torch.Tensor],
+              table: Optional[RoutingTable] = None) -> Routes:
         """Routes of this forward's positions from their normalised ``query`` ``[B, T, H]``
-        and padding mask ``valid``. The subject router reads the input ids the query
-        builder kept (``query`` then only serves the guard and may be None without it;
-        ``device``: where to route, by default the query's)."""
+        and padding mask ``valid`` (the subject router also reads the input ids the query
+        builder kept)."""
         hp = self.hparams
         table = table or self.routing_table()
         if hp.router == SUBJECT_ROUTER:
-            return self.queries.subject_routes(
-                table, query, valid, device or query.device, guard=hp.locality_guard,
-                threshold=hp.guard_threshold)
+            return self.queries.subject_routes(table, query, valid, guard=hp.locality_guard,
+                                               threshold=hp.guard_threshold)
         return select_routes(query, valid, table, router=hp.router, top_k=hp.top_k,
                              guard=hp.locality_guard, threshold=hp.guard_threshold)
 
@@ -227,10 +228,7 @@ class LEMoELayer(nn.Module):
                 return out
             hp = self.hparams
             if hp.router == SUBJECT_ROUTER:
-                # The ids decide; the query is computed only for the guard.
-                query, valid = self.queries.current(x) if hp.locality_guard else \
-                    (None, self.queries.current_mask(x))
-                routes = self.route(query, valid, table, x.device)
+                routes = self.route(*self.queries.current(x), table)
             else:
                 query, valid = self.queries.current(x)
                 routes = select_routes(query, valid, table, router=hp.router, top_k=hp.top_k,

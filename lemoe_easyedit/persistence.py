@@ -51,7 +51,7 @@ from .injection import find_adaptor
 from .layer import LEMoELayer
 from .model_families import (family_of, get_submodule, materialised, mlp_path, num_layers,
                              proj_weight)
-from .routing import QUERY_POOLS, ROUTERS, QueryBuilder
+from .routing import QUERY_POOLS, ROUTERS, SUBJECT_BUFFERS, QueryBuilder
 from .locality import subject_ids
 from .training import encode_edits, negative_pool, train_slot
 
@@ -709,8 +709,9 @@ def _build_layer(model: nn.Module, host: nn.Module, path: str, hp, m: Dict[str, 
         names = set(info["tensors"])
         if "radius" not in names:  # saved before anchors had radii: the guard alone decides
             own.pop("radius")
-        if "subject_ids" not in names:  # saved before the subject router existed
-            own.pop("subject_ids")
+        for name in SUBJECT_BUFFERS:
+            if name not in names:  # saved before the subject router existed
+                own.pop(name)
         if names != set(own):
             lack, extra = sorted(set(own) - names), sorted(names - set(own))
             raise EditsFileError(
@@ -737,12 +738,16 @@ def _build_layer(model: nn.Module, host: nn.Module, path: str, hp, m: Dict[str, 
                                              f"floating [{n}] (one per anchor)")
                     slot.radius = t.to(target.device, target.dtype)
                     continue
-                if name == "subject_ids":
-                    if t.dim() != 2 or t.dtype != torch.long:
-                        raise EditsFileError(f"{where}: slot {i} subject_ids are "
+                if name in SUBJECT_BUFFERS:  # their lengths vary with the slot's edits
+                    if t.dim() != target.dim() or t.dtype != torch.long:
+                        raise EditsFileError(f"{where}: slot {i} {name} are "
                                              f"{t.dtype}{list(t.shape)}, expected int64 "
-                                             f"[n, length]")
-                    slot.subject_ids = t.to(target.device)
+                                             f"with {target.dim()} dimensions")
+                    n = len(tensors[f"slots.{i}.anchors"])
+                    if name == "anchor_subjects" and len(t) not in (0, n):
+                        raise EditsFileError(f"{where}: slot {i} has {len(t)} anchor_subjects "
+                                             f"for {n} anchors")
+                    setattr(slot, name, t.to(target.device))
                     continue
                 if t.shape != target.shape or t.is_floating_point() != \
                         target.is_floating_point():

@@ -212,6 +212,7 @@ class RoutingTable:
     _down: Optional[torch.Tensor] = None
     _key_dirs: Optional[torch.Tensor] = None
     _subjects = None
+    _anchor_keys: Optional[torch.Tensor] = None
 
     @property
     def subjects(self):
@@ -223,9 +224,26 @@ class RoutingTable:
             flags = self.enabled.tolist()
             device = self.slots[0].routing.key.device if self.slots else None
             self._subjects = SubjectIndex(
-                [s._buffers["subject_ids"] if on else None
+                [(s._buffers["subject_ids"], s._buffers["subject_keys"]) if on else None
                  for s, on in zip(self.slots, flags)], device)
         return self._subjects
+
+    @property
+    def anchor_keys(self) -> torch.Tensor:
+        """``[N]``: the subject key of each anchor column (-1: a slot trained without
+        subjects, which the subject router never serves)."""
+        if self._anchor_keys is None:
+            keys = []
+            for slot, on in zip(self.slots, self.enabled.tolist()):
+                if not on:
+                    continue
+                n = len(slot._buffers["anchors"])
+                own = slot._buffers["anchor_subjects"]
+                keys.append(own if len(own) == n else torch.full((n,), -1, dtype=torch.long))
+            device = self.owner.device
+            self._anchor_keys = torch.cat(
+                [k.to(device) for k in keys] + [torch.zeros(0, dtype=torch.long, device=device)])
+        return self._anchor_keys
 
     @property
     def down(self) -> torch.Tensor:
@@ -400,6 +418,8 @@ def _outside(table: RoutingTable, flat: torch.Tensor, idx: torch.Tensor,
 LAYER_INPUT_POOL = "ffn_input"
 #: ``router`` that routes by the edit subjects found in the input ids (:mod:`.subjects`).
 SUBJECT_ROUTER = "subject"
+#: An expert slot's buffers that only the subject router fills (:mod:`.subjects`).
+SUBJECT_BUFFERS = ("subject_ids", "subject_keys", "anchor_subjects")
 #: The values of ``router`` and ``query_pool`` (hparams and saved manifests check both).
 ROUTERS = ("learned", "anchor", SUBJECT_ROUTER)
 QUERY_POOLS = ("prefix_mean", "token", LAYER_INPUT_POOL)
@@ -509,14 +529,6 @@ class QueryBuilder:
             q, valid = q.to(x.device), None if valid is None else valid.to(x.device)
         return q, valid
 
-    def current_mask(self, x: torch.Tensor) -> Optional[torch.Tensor]:
-        """This forward's padding mask as the model was given it, on ``x``'s device."""
-        mask = self.mask
-        if mask is not None and mask.shape != x.shape[:2]:
-            raise RuntimeError("LEMoE routing mask does not match this forward; call the "
-                               "whole model, not the layer alone")
-        return mask if mask is None or mask.device == x.device else mask.to(x.device)
-
     def note_ids(self, ids: torch.Tensor, cur_mask: Optional[torch.Tensor], past: int) -> None:
         """Keep ``ids`` ``[B, T]`` (following ``past`` seen positions) for the subject
         router, after the last ids of the earlier positions: a subject may end in this
@@ -538,31 +550,45 @@ class QueryBuilder:
             self.ids, self.ids_first, self.carried = ids, 0, None
         self._ids_seen = past + ids.shape[1]
 
-    def subject_routes(self, table: RoutingTable, query: Optional[torch.Tensor],
-                       valid: Optional[torch.Tensor], device: torch.device, *, guard: bool,
+    def subject_routes(self, table: RoutingTable, query: torch.Tensor,
+                       valid: Optional[torch.Tensor], *, guard: bool,
                        threshold: float) -> Routes:
-        """Routes of the subject router: each position goes to the expert whose subject
-        ended last at or before it in this sequence (:mod:`.subjects`); with ``guard``, only
-        where ``query`` is also within that expert's anchors' guard. Padding (``valid``
-        False / 0) goes nowhere."""
+        """Routes of the subject router (:mod:`.subjects`).
+
+        Each position's subject is the edit subject that ended last at or before it in this
+        sequence; the position goes to the expert holding the anchor of that subject nearest
+        to its ``query`` ``[B, T, H]`` (normalised), so that edits of one subject in several
+        experts each keep their own. No subject, or (with ``guard``) a nearest anchor below
+        the threshold or its radius: no expert. Padding (``valid`` False / 0) goes nowhere.
+        """
         from .subjects import carry
 
         if self.ids is None:
             raise RuntimeError("LEMoE subject routing has no input ids for this forward; "
                                "call the whole model, not the layer alone")
+        device = query.device
         ids = self.ids if self.ids.device == device else self.ids.to(device)
         carried = self.carried
-        expert = carry(table.subjects.matches(ids, self.ids_first),
-                       None if carried is None else carried.to(device))
-        self.carried = expert[:, -1]
-        B, T = expert.shape
-        if guard and query is not None and table.n_anchors:
-            far = _outside(table, query.reshape(B * T, -1), expert.reshape(-1, 1), None,
-                           threshold)
-            expert = expert.masked_fill(far.view(B, T), -1)
+        subject = carry(table.subjects.matches(ids, self.ids_first),
+                        None if carried is None else carried.to(device))
+        self.carried = subject[:, -1]
+        B, T = subject.shape
+        if not table.n_anchors:
+            return Routes(torch.full((B, T, 1), -1, dtype=torch.long, device=device))
+        flat = query.reshape(B * T, -1)
+        if flat.dtype != torch.float32:
+            flat = flat.float()
+        sims = torch.addmm(table.anchor_bias, flat, table.anchors_t)
+        own = table.anchor_keys.unsqueeze(0) == subject.reshape(-1, 1)
+        best_sim, best = sims.masked_fill(~own, float("-inf")).max(1)
+        keep = own.any(1)
+        if guard:
+            keep &= best_sim >= (table.floor(threshold).index_select(0, best)
+                                 if table.has_radius else threshold)
         if valid is not None:
-            expert = expert.masked_fill(valid == 0, -1)
-        return Routes(expert.unsqueeze(-1))
+            keep &= valid.reshape(-1).bool()
+        expert = torch.where(keep, table.owner.index_select(0, best), table.no_expert)
+        return Routes(expert.view(B, T, 1))
 
     def layer_input(self, x: torch.Tensor):
         """``(x as float32 without autograd, this forward's raw padding mask or None)``.

@@ -7,19 +7,24 @@ no query computed at the position being predicted tells them apart (measured in
 ``examples/results/realfact-subject-keys.md``). The subject's tokens do: they are in every
 paraphrase and in no neighbour. So each expert keeps the token ids of its edits' subjects
 (the forms a tokenizer gives the subject at the start of a text, after a space and inside
-the edit prompt), and a forward finds them in its input ids: the expert whose subject ended
-last at or before a position serves that position, and every later one up to the end of
-the sequence (including generated tokens, carried between KV-cache steps).
+the edit prompt), and a forward finds them in its input ids: the subject that ended last at
+or before a position is that position's subject, and every later one's up to the end of the
+sequence (including generated tokens, carried between KV-cache steps). Among the experts
+holding edits of that subject (one person's birthplace and employer may sit in two), the
+position goes to the one whose anchor is nearest, as the anchor router would choose among
+all experts (:meth:`~.routing.QueryBuilder.subject_routes`).
 
 Matching is exact and tensor code: each window of the input ending at a position is hashed
 (a polynomial over the ids, wrapping in int64), looked up with ``searchsorted`` in the
 experts' sorted subject hashes, and confirmed token by token, so a hash collision never
-routes. The same subject in several experts goes to the newest.
+routes. A subject is identified by a key derived from its string (:func:`subject_key`),
+stored with each of its token forms and with each anchor of its edits.
 """
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+import hashlib
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -74,15 +79,27 @@ def _in_prompt(tok, prompt: str, subject: str) -> List[int]:
             if a < end and b > start]
 
 
-def subject_rows(tok, records: Sequence[Dict]) -> torch.Tensor:
-    """``[S, L]`` int64: every token form of every record's subject, right-padded with -1
-    (:func:`subject_token_forms`); what an :class:`~.layer.ExpertSlot` stores."""
-    forms = [form for r in records for form in subject_token_forms(tok, r)]
+def subject_key(subject: str) -> int:
+    """A non-negative int64 naming ``subject``, the same in every process (Python's own
+    ``hash`` of a string is salted per process, and keys are saved with the edits)."""
+    digest = hashlib.blake2b(subject.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 62) - 1)
+
+
+def subject_rows(tok, records: Sequence[Dict]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(rows [S, L], keys [S])`` int64: every token form of every record's subject,
+    right-padded with -1 (:func:`subject_token_forms`), and the :func:`subject_key` of each;
+    what an :class:`~.layer.ExpertSlot` stores."""
+    forms, keys = [], []
+    for r in records:
+        for form in subject_token_forms(tok, r):
+            forms.append(form)
+            keys.append(subject_key(r["subject"]))
     width = max(len(f) for f in forms)
     rows = torch.full((len(forms), width), -1, dtype=torch.long)
     for i, form in enumerate(forms):
         rows[i, :len(form)] = torch.tensor(form, dtype=torch.long)
-    return rows
+    return rows, torch.tensor(keys, dtype=torch.long)
 
 
 def window_hashes(ids: torch.Tensor, n: int) -> torch.Tensor:
@@ -103,41 +120,41 @@ def _powers(n: int, device) -> torch.Tensor:
 class SubjectIndex:
     """The enabled experts' subjects, grouped by length for lookup.
 
-    ``slot_rows``: per slot, its ``[S, L]`` subject rows (:func:`subject_rows`) or None for a
-    disabled slot. For each length ``n``: the sorted window hashes, the rows in that order
-    (to confirm a match) and the slot owning each.
+    ``slot_forms``: per slot, its ``(rows [S, L], keys [S])`` (:func:`subject_rows`), or
+    None for a disabled slot. For each length ``n``: the sorted window hashes, the forms in
+    that order (to confirm a match) and each one's subject key.
     """
 
-    def __init__(self, slot_rows: Sequence[Optional[torch.Tensor]], device) -> None:
+    def __init__(self, slot_forms: Sequence[Optional[Tuple[torch.Tensor, torch.Tensor]]],
+                 device) -> None:
         by_length: Dict[int, List[tuple]] = {}
-        for owner, rows in enumerate(slot_rows):
-            if rows is None:
+        for entry in slot_forms:
+            if entry is None:
                 continue
-            for row in rows.tolist():
+            rows, keys = entry
+            for row, key in zip(rows.tolist(), keys.tolist()):
                 form = [t for t in row if t >= 0]
                 if form:
-                    by_length.setdefault(len(form), []).append((form, owner))
+                    by_length.setdefault(len(form), []).append((form, key))
         self.lengths: List[int] = sorted(by_length)
         self.tables = []
         for n in self.lengths:
             forms = torch.tensor([f for f, _ in by_length[n]], dtype=torch.long, device=device)
-            owners = torch.tensor([o for _, o in by_length[n]], dtype=torch.long, device=device)
-            hashes = window_hashes(forms, n).squeeze(-1)
-            # Stable: among equal hashes the newest slot comes last, which the lookup takes.
-            hashes, order = torch.sort(hashes, stable=True)
-            self.tables.append((n, hashes, forms[order], owners[order]))
+            keys = torch.tensor([k for _, k in by_length[n]], dtype=torch.long, device=device)
+            hashes, order = torch.sort(window_hashes(forms, n).squeeze(-1), stable=True)
+            self.tables.append((n, hashes, forms[order], keys[order]))
 
     @property
     def longest(self) -> int:
         return self.lengths[-1] if self.lengths else 0
 
     def matches(self, ids: torch.Tensor, first: int) -> torch.Tensor:
-        """``[B, T]``: the slot whose subject ends at each of the last ``T = L - first``
+        """``[B, T]``: the key of the subject that ends at each of the last ``T = L - first``
         positions of ``ids`` ``[B, L]`` (-1: none; negative ids never match). Where subjects
         of several lengths end at one position, the longest wins."""
         B, L = ids.shape
         found = torch.full((B, L - first), -1, dtype=torch.long, device=ids.device)
-        for n, hashes, forms, owners in self.tables:
+        for n, hashes, forms, keys in self.tables:
             # Windows ending at positions first..L-1 (those starting before 0 cannot match).
             lo = max(first - n + 1, 0)
             if L - lo < n:
@@ -147,21 +164,21 @@ class SubjectIndex:
             at = (torch.searchsorted(hashes, h.contiguous(), right=True) - 1).clamp_min(0)
             hit = hashes[at] == h
             hit &= (span.unfold(-1, n, 1) == forms[at]).all(-1)        # no collision routes
-            owner = torch.where(hit, owners[at], -1)
+            key = torch.where(hit, keys[at], -1)
             # The window starting at span[j] ends at position lo + j + n - 1.
             end = lo + n - 1
             skip = max(first - end, 0)
-            owner = owner[:, skip:]
+            key = key[:, skip:]
             dst = end + skip - first
-            found[:, dst:dst + owner.shape[1]] = torch.where(
-                owner >= 0, owner, found[:, dst:dst + owner.shape[1]])
+            found[:, dst:dst + key.shape[1]] = torch.where(
+                key >= 0, key, found[:, dst:dst + key.shape[1]])
         return found
 
 
 def carry(found: torch.Tensor, carried: Optional[torch.Tensor]) -> torch.Tensor:
-    """``[B, T]``: at each position the slot found last at or before it (``found`` ``[B,
-    T]``, -1 none), else ``carried`` ``[B]`` (the last slot of the earlier positions of
-    the sequence; None: -1)."""
+    """``[B, T]``: at each position the subject found last at or before it (``found``
+    ``[B, T]``, -1 none), else ``carried`` ``[B]`` (the subject of the earlier positions
+    of the sequence; None: -1)."""
     B, T = found.shape
     pos = torch.arange(T, device=found.device).expand(B, T)
     last = torch.where(found >= 0, pos, -1).cummax(1).values

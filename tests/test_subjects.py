@@ -9,7 +9,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from conftest import fact_requests
 from lemoe_easyedit import (LEMoEHyperParams, apply_lemoe_to_model, find_adaptor, load_edits,
                             save_edits)
-from lemoe_easyedit.subjects import SubjectIndex, carry, subject_rows, subject_token_forms
+from lemoe_easyedit.subjects import (SubjectIndex, carry, subject_key, subject_rows,
+                                     subject_token_forms)
 
 
 def load(path):
@@ -23,26 +24,29 @@ def subject_hp(path, **kw):
     return dataclasses.replace(hp, model_name=str(path), **kw)
 
 
-def rows(*forms):
-    width = max(len(f) for f in forms)
-    return torch.tensor([f + [-1] * (width - len(f)) for f in forms])
+def forms(*rows_and_keys):
+    """``(rows, keys)`` of a slot from ``(form, key)`` pairs."""
+    width = max(len(f) for f, _ in rows_and_keys)
+    rows = torch.tensor([f + [-1] * (width - len(f)) for f, _ in rows_and_keys])
+    return rows, torch.tensor([k for _, k in rows_and_keys])
 
 
-def test_matches_find_each_subject_where_it_ends_longest_and_newest_first():
-    index = SubjectIndex([rows([5, 6], [7]), None, rows([6]), rows([5, 6])], "cpu")
+def test_matches_find_each_subject_where_it_ends_the_longest_first():
+    index = SubjectIndex([forms(([5, 6], 10), ([7], 11)), None, forms(([6], 12)),
+                          forms(([5, 6], 10))], "cpu")
     ids = torch.tensor([[1, 5, 6, 2, 7, 6, -1]])
-    # [5, 6] ends at 2: slots 0 and 3 hold it (newest: 3) and [6] (slot 2) is shorter;
-    # [7] at 4 (slot 0); [6] alone at 5 (slot 2); -1 (padding) never matches.
-    assert index.matches(ids, 0).tolist() == [[-1, -1, 3, -1, 0, 2, -1]]
+    # [5, 6] (subject 10, in two slots) ends at 2, where [6] (12) is shorter; [7] (11) at 4;
+    # [6] alone at 5; -1 (padding) never matches.
+    assert index.matches(ids, 0).tolist() == [[-1, -1, 10, -1, 11, 12, -1]]
     # Only the last 3 positions asked for; a subject may begin in the part before them.
-    assert index.matches(ids, 4).tolist() == [[0, 2, -1]]
+    assert index.matches(ids, 4).tolist() == [[11, 12, -1]]
     assert index.matches(torch.tensor([[9, 5]]), 1).tolist() == [[-1]]
 
 
 def test_a_hash_collision_never_routes():
-    index = SubjectIndex([rows([5, 6])], "cpu")
-    n, hashes, forms, owners = index.tables[0]
-    index.tables[0] = (n, hashes, torch.tensor([[5, 7]]), owners)  # same hash, other ids
+    index = SubjectIndex([forms(([5, 6], 3))], "cpu")
+    n, hashes, rows, keys = index.tables[0]
+    index.tables[0] = (n, hashes, torch.tensor([[5, 7]]), keys)  # same hash, other ids
     assert index.matches(torch.tensor([[5, 6]]), 0).tolist() == [[-1, -1]]
 
 
@@ -59,8 +63,10 @@ def test_subject_forms_cover_start_of_text_after_a_space_and_inside_the_prompt(t
     forms = subject_token_forms(tok, req)
     assert tok("Alice Smith")["input_ids"] in forms
     assert tok(" Alice Smith")["input_ids"] in forms
-    table = subject_rows(tok, [req, dict(req, subject="Smith")])
-    assert table.dtype == torch.long and (table >= -1).all()
+    rows, keys = subject_rows(tok, [req, dict(req, subject="Smith")])
+    assert rows.dtype == keys.dtype == torch.long and len(rows) == len(keys)
+    assert set(keys.tolist()) == {subject_key("Alice Smith"), subject_key("Smith")}
+    assert subject_key("Alice Smith") >= 0
     with pytest.raises(ValueError, match="subject"):
         subject_token_forms(tok, {"prompt": "x", "target_new": "y"})
 
@@ -123,3 +129,23 @@ def test_subject_router_rejects_what_it_cannot_route(tiny_models):
     embeds = model.get_input_embeddings()(tok("Alice", return_tensors="pt")["input_ids"])
     with pytest.raises(ValueError, match="input_ids"):
         model(inputs_embeds=embeds)
+
+
+def test_edits_of_one_subject_in_several_experts_each_keep_their_own(tiny_models):
+    """One person's two facts in two experts: the subject finds both, the anchors choose."""
+    from conftest import rel
+
+    path = tiny_models("llama")
+    model, tok = load(path)
+    born, other = fact_requests(2)
+    lives = {"prompt": f"The city where {born['subject']} lives is",
+             "target_new": other["target_new"], "subject": born["subject"]}
+    reqs = [born, lives]
+    apply_lemoe_to_model(model, tok, reqs, subject_hp(path, edits_per_expert=1))
+    layer = find_adaptor(model)
+    assert len(layer.slots) == 2
+    for slot, r in enumerate(reqs):
+        with torch.no_grad():
+            model(**tok(r["prompt"], return_tensors="pt"))
+        assert layer.last_routes.expert[0, -1, 0].item() == slot
+    assert rel(model, tok, reqs) == 1.0
