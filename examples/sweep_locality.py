@@ -53,6 +53,12 @@ CONFIGS = [
      {**PAPER, "locality_guard": True, "guard_threshold": -1.0, "negatives_per_edit": 2}),
     ("FFN-input query, learned keys + radii (guard on, no floor)",
      {"router": "learned", "guard_threshold": -1.0}),
+    # The subject router (README, "Real benchmark facts"): the subject's tokens choose the
+    # edits a position may reach, the anchors (and the guard, if on) the one among them.
+    ("subject router, no guard", {"router": "subject", "locality_guard": False}),
+    ("subject router + global guard 0.7, no radii",
+     {"router": "subject", "negatives_per_edit": 0}),
+    ("subject router + radii: 2 swaps, margin 0.35 (the YAML's guard)", {"router": "subject"}),
 ]
 
 
@@ -66,6 +72,8 @@ def main() -> int:
     p.add_argument("--edit-seed", type=int, default=1)
     p.add_argument("--hparams", default=str(REPO / "hparams/LEMoE/testbed-llama.yaml"))
     p.add_argument("--out", default=None, help="write the markdown table here")
+    p.add_argument("--only", default=None,
+                   help="run only the configurations whose label contains this text")
     p.add_argument("--online", action="store_true",
                    help="one request per call (EasyEdit's edit()), the YAML with and "
                         "without radii, instead of the batch ablation")
@@ -79,6 +87,8 @@ def main() -> int:
     configs = CONFIGS if not args.online else [
         ("online, the testbed YAML", {}),
         ("online, no radii", {"negatives_per_edit": 0})]
+    if args.only:
+        configs = [c for c in configs if args.only in c[0]]
     for label, overrides in configs:
         hp = copy.copy(base)
         for k, v in overrides.items():
@@ -119,7 +129,8 @@ def main() -> int:
             f"# LEMoE locality {'online' if args.online else 'ablation'} (held-out: edit seed "
             f"{args.edit_seed}, T={args.n})\n\n"
             f"Whole-object exact match. Command: `python examples/sweep_locality.py --n "
-            f"{args.n} --edit-seed {args.edit_seed}{' --online' if args.online else ''}`"
+            f"{args.n} --edit-seed {args.edit_seed}{' --online' if args.online else ''}"
+            f"{f' --only {chr(39)}{args.only}{chr(39)}' if args.only else ''}`"
             f"\n\n{table}\n")
     return 0
 
