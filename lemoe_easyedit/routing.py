@@ -194,6 +194,10 @@ class RoutingTable:
                 * (1e-6 / (self.n + 1))
             self.anchor_bias = self.order[self.owner]
             self.all_live_anchored = all(sizes)
+        if any(len(s._buffers["subject_keys"]) for s in slots):
+            # The subject router's index, built here rather than on first use, so that no
+            # forward reads from the device to build it (a table is built once per change).
+            self._subjects, self._anchor_keys = self.subjects, self.anchor_keys
 
     def expert_weights(self, index: int):
         """Expert ``index``'s :meth:`~.experts.FFNExpert.serving_weights`, kept from its
@@ -267,6 +271,11 @@ class RoutingTable:
         """True while the slots are still what this table was built from: no slot change
         noted since (one integer comparison) and no ``enabled`` flag written in place (the
         sum of their version counters)."""
+        if torch.compiler.is_compiling():
+            # A compiled forward guards on the slot-change counter (a change recompiles);
+            # the version counters, which Dynamo cannot trace, are left to eager calls,
+            # where EasyEdit's release makes its in-place write.
+            return self.changes == _slot_changes[0]
         return self.changes == _slot_changes[0] and \
             self._flag_versions() == self._flag_version
 

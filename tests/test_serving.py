@@ -12,7 +12,8 @@ from lemoe_easyedit.routing import QueryBuilder, select_routes
 
 SETUPS = [dict(router="anchor", query_pool="ffn_input", negatives_per_edit=2),
           dict(router="learned", query_pool="prefix_mean", locality_guard=False),
-          dict(router="anchor", query_pool="prefix_mean", top_k=2)]
+          dict(router="anchor", query_pool="prefix_mean", top_k=2),
+          dict(router="subject", query_pool="ffn_input")]
 
 
 def edited(tiny_models, **kw):
@@ -94,3 +95,18 @@ def test_routing_compiles_as_one_graph_and_the_model_compiles(tiny_models, setup
         got = compiled(**x).logits
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     torch._dynamo.reset()
+
+
+def test_the_compiled_forward_breaks_only_at_the_expert_dispatch(tiny_models):
+    """Routing (the subject router's id matching included) traces into the graph; the one
+    break is the dispatch's read of the routes (which positions go to which expert)."""
+    model, tok = edited(tiny_models, **SETUPS[3])
+    x = batch(tok)
+    with torch.no_grad():
+        ref = model(**x).logits
+        explain = torch._dynamo.explain(model)(**x)
+        got = torch.compile(model, backend="aot_eager")(**x).logits
+    torch._dynamo.reset()
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    where = {b.user_stack[-1].name for b in explain.break_reasons if b.user_stack}
+    assert explain.graph_break_count >= 1 and where == {"_add_expert_outputs"}, where
