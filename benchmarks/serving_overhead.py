@@ -11,9 +11,10 @@ edited (their positions reach an expert), half are not.
   ``--ffn`` 5632, ``--layers`` 4, vocabulary of the local tokenizer), the adaptor at the
   middle layer with FFN experts of ``--expert-width`` (the 7B YAMLs' 1024) whose anchors are
   the edited prompts' own FFN inputs (so their positions route as a trained adaptor's
-  would); two routing setups: the testbed's (FFN-input query, nearest anchor, guard) and
-  the paper 7B YAMLs' (embedding prefix mean, learned keys, no guard: every position goes
-  to some expert).
+  would); three routing setups: the testbed's (FFN-input query, nearest anchor, guard), the
+  paper 7B YAMLs' (embedding prefix mean, learned keys, no guard: every position goes to
+  some expert) and the realfact YAML's subject router (an edited prompt's positions from its
+  subject on go to the expert of that subject).
 
 Prints one table (figures in ms and the ratio edited / base per setup) and writes it as
 JSON with ``--out``. One torch thread (``--threads``)::
@@ -37,6 +38,7 @@ import torch.nn.functional as F
 
 from lemoe_easyedit import LEMoEHyperParams, apply_lemoe_to_model, find_adaptor
 from lemoe_easyedit.injection import inject_adaptor
+from lemoe_easyedit.subjects import subject_key, subject_rows
 from lemoe_bench.measure import unedited  # benchmarks/ is this script's folder
 
 
@@ -125,6 +127,8 @@ def realistic_rows(experts: List[int], n_prompts: int, repeats: int, hidden: int
                  guard_threshold=0.7),
         "prefix mean, learned keys, no guard (7B YAMLs)":
             dict(query_pool="prefix_mean", router="learned", locality_guard=False),
+        "subject router, no guard (realfact YAML)":
+            dict(query_pool="ffn_input", router="subject", locality_guard=False),
     }
     rows = []
     base_hp = LEMoEHyperParams.from_hparams("llama-7b")
@@ -152,6 +156,11 @@ def realistic_rows(experts: List[int], n_prompts: int, repeats: int, hidden: int
                 # A learned key starts at its anchors' centroid (the YAMLs' key_init), so an
                 # edited prompt reaches its own expert as after training.
                 slot.routing.init_key_at_centroid(slot.anchors)
+                if hp.router == "subject":  # the subject of expert i: "person number i"
+                    about = {"prompt": edited[i % len(edited)],
+                             "subject": f"person number {i % len(edited)}"}
+                    slot.subject_ids, slot.subject_keys = subject_rows(tok, [about])
+                    slot.anchor_subjects = torch.tensor([subject_key(about["subject"])])
                 with torch.no_grad():
                     w = slot.expert.w_out.weight
                     w.copy_(torch.randn(w.shape, generator=gen).to(w.dtype) * 1e-3)
