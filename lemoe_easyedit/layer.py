@@ -251,6 +251,9 @@ class LEMoELayer(nn.Module):
         the experts' weights are the table's views; without (routes forced by training) the
         experts' own parameters, which training may have swapped for float32 masters.
         """
+        if table is not None and table.live <= COMPILED_DENSE_EXPERTS and \
+                torch.compiler.is_compiling():
+            return self._add_every_expert(x, out, routes, table)
         weights_of = table.expert_weights if table is not None else \
             (lambda e: self.slots[e].expert.serving_weights())
         scale = self.hparams.expert_scale
@@ -304,6 +307,26 @@ class LEMoELayer(nn.Module):
         return base.index_add(0, rows, y, alpha=scale).view(out.shape)
 
 
+    def _add_every_expert(self, x: torch.Tensor, out: torch.Tensor, routes: Routes,
+                          table: RoutingTable) -> torch.Tensor:
+        """``out`` plus every live expert run on every position and kept where routed: no
+        read of the routes, so a compiled forward (``torch.compile``) is one graph, at
+        ``live`` times the experts' work. Used only when compiling, and only for a few
+        experts (:data:`COMPILED_DENSE_EXPERTS`, the paper's five among them)."""
+        H = x.shape[-1]
+        flat_x = x.reshape(-1, H)
+        k = routes.expert.shape[-1]
+        choice = routes.expert.reshape(-1, k)
+        gate = routes.gate.reshape(-1, k)
+        result = out.reshape(-1, H)
+        for e in table.live_slots:
+            weights = table.expert_weights(e)
+            y = torch.mm(hidden_of(weights, flat_x), weights[3])
+            g = ((choice == e).to(gate.dtype) * gate).sum(1, keepdim=True)
+            result = result + (y * g.to(y.dtype)).to(out.dtype) * self.hparams.expert_scale
+        return result.view(out.shape)
+
+
 def _add_rows(dst: torch.Tensor, weights, x: torch.Tensor, scale: float) -> None:
     """``dst += scale * expert(x)`` in place, for rows ``x`` ``[P, hidden]`` and the expert's
     serving weights; the output projection and the add are one ``addmm`` when the expert
@@ -329,3 +352,7 @@ def _writable(out: torch.Tensor) -> torch.Tensor:
 
 #: Up to this many positions per forward, top-1 routes are grouped by expert in Python.
 _PYTHON_GROUPING = 512
+#: A compiled forward with at most this many live experts runs each on every position
+#: instead of reading the routes (``_add_every_expert``); with more, it reads them (one
+#: graph break) and runs each routed expert on its positions only.
+COMPILED_DENSE_EXPERTS = 8

@@ -157,6 +157,8 @@ class RoutingTable:
             flags = [bool(f.item() > 0.5) for f in self._flags]
             self.enabled = torch.tensor(flags, dtype=torch.bool)
             self.live = sum(flags)
+            #: The enabled slots' indices (a Python list: loops over it trace as constants).
+            self.live_slots = [i for i, on in enumerate(flags) if on]
             self.any_dead = self.live < self.n
             self.n_anchors = 0
             self.has_radius = False
@@ -168,7 +170,7 @@ class RoutingTable:
             # The anchors of the enabled experts as one [hidden, N] matrix with the owner of
             # each column: query @ anchors_t is the one product a forward makes (a contiguous
             # pre-transposed operand is about twice as fast as F.linear against [N, hidden]).
-            live = [i for i in range(self.n) if flags[i]]
+            live = self.live_slots
             self.anchors_t = torch.cat(
                 [anchors[i].detach().to(device, torch.float32) for i in live]
                 + [torch.zeros(0, anchors[0].shape[1], device=device)]).t().contiguous()

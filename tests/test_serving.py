@@ -97,16 +97,23 @@ def test_routing_compiles_as_one_graph_and_the_model_compiles(tiny_models, setup
     torch._dynamo.reset()
 
 
-def test_the_compiled_forward_breaks_only_at_the_expert_dispatch(tiny_models):
-    """Routing (the subject router's id matching included) traces into the graph; the one
-    break is the dispatch's read of the routes (which positions go to which expert)."""
-    model, tok = edited(tiny_models, **SETUPS[3])
+@pytest.mark.parametrize("setup", [SETUPS[0], SETUPS[3]])
+def test_the_compiled_forward_is_one_graph_with_few_experts(tiny_models, monkeypatch, setup):
+    """Routing (the subject router's id matching included) traces into the graph. With up
+    to COMPILED_DENSE_EXPERTS experts the compiled forward runs each on every position and
+    is one graph; with more it reads the routes once (its only graph break)."""
+    from lemoe_easyedit import layer as layer_module
+
+    model, tok = edited(tiny_models, **setup)
+    assert len(find_adaptor(model).slots) == 3
     x = batch(tok)
     with torch.no_grad():
         ref = model(**x).logits
+        got = torch.compile(model, backend="aot_eager", fullgraph=True)(**x).logits
+        torch._dynamo.reset()
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        monkeypatch.setattr(layer_module, "COMPILED_DENSE_EXPERTS", 2)
         explain = torch._dynamo.explain(model)(**x)
-        got = torch.compile(model, backend="aot_eager")(**x).logits
-    torch._dynamo.reset()
-    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        torch._dynamo.reset()
     where = {b.user_stack[-1].name for b in explain.break_reasons if b.user_stack}
     assert explain.graph_break_count >= 1 and where == {"_add_expert_outputs"}, where
