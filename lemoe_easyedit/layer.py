@@ -15,7 +15,8 @@ import torch.nn as nn
 from .experts import hidden_of, make_expert
 from .model_families import ModelFamily, execution_device
 from .routing import (SUBJECT_BUFFERS, SUBJECT_ROUTER, QueryBuilder, RoutingProjection,
-                      Routes, RoutingTable, keep_float32, note_slot_change, select_routes)
+                      Routes, RoutingTable, keep_float32, note_slot_change, select_routes,
+                      select_subject_routes)
 
 
 class SlotList(nn.ModuleList):
@@ -206,8 +207,9 @@ class LEMoELayer(nn.Module):
         hp = self.hparams
         table = table or self.routing_table()
         if hp.router == SUBJECT_ROUTER:
-            return self.queries.subject_routes(table, query, valid, guard=hp.locality_guard,
-                                               threshold=hp.guard_threshold)
+            subject = self.queries.current_subjects(table.subjects, query.device)
+            return select_subject_routes(subject, query, valid, table,
+                                         guard=hp.locality_guard, threshold=hp.guard_threshold)
         return select_routes(query, valid, table, router=hp.router, top_k=hp.top_k,
                              guard=hp.locality_guard, threshold=hp.guard_threshold)
 

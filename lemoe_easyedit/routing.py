@@ -34,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .model_families import cached_length
+from .subjects import MAX_SUBJECT_TOKENS, SubjectIndex, carry
 
 
 class RoutingProjection(nn.Module):
@@ -225,8 +226,6 @@ class RoutingTable:
         """The enabled experts' subjects (:class:`~.subjects.SubjectIndex`), built on first
         use (only the subject router reads them)."""
         if self._subjects is None:
-            from .subjects import SubjectIndex
-
             flags = self.enabled.tolist()
             device = self.slots[0].routing.key.device if self.slots else None
             self._subjects = SubjectIndex(
@@ -425,6 +424,37 @@ def _outside(table: RoutingTable, flat: torch.Tensor, idx: torch.Tensor,
     return torch.stack(far, 1)
 
 
+def select_subject_routes(subject: torch.Tensor, query: torch.Tensor,
+                          valid: Optional[torch.Tensor], table: RoutingTable, *,
+                          guard: bool, threshold: float) -> Routes:
+    """Routes of the subject router (:mod:`.subjects`).
+
+    ``subject`` ``[B, T]``: the key of the edit subject each position falls under (-1:
+    none; :meth:`QueryBuilder.current_subjects`). A position goes to the expert holding the
+    anchor of that subject nearest to its normalised ``query`` ``[B, T, H]``, so that the
+    edits of one subject in several experts each keep their own. No subject, or (with
+    ``guard``) a nearest anchor below the threshold or its radius: no expert. Padding
+    (``valid`` False / 0) goes nowhere.
+    """
+    B, T = subject.shape
+    if not table.n_anchors:
+        return Routes(torch.full((B, T, 1), -1, dtype=torch.long, device=subject.device))
+    flat = query.reshape(B * T, -1)
+    if flat.dtype != torch.float32:
+        flat = flat.float()
+    sims = torch.addmm(table.anchor_bias, flat, table.anchors_t)
+    own = table.anchor_keys.unsqueeze(0) == subject.reshape(-1, 1)
+    best_sim, best = sims.masked_fill(~own, float("-inf")).max(1)
+    keep = own.any(1)
+    if guard:
+        keep &= best_sim >= (table.floor(threshold).index_select(0, best)
+                             if table.has_radius else threshold)
+    if valid is not None:
+        keep &= valid.reshape(-1).bool()
+    expert = torch.where(keep, table.owner.index_select(0, best), table.no_expert)
+    return Routes(expert.view(B, T, 1))
+
+
 #: ``query_pool`` whose queries are the adapted FFN's own input, not the embedding outputs.
 LAYER_INPUT_POOL = "ffn_input"
 #: ``router`` that routes by the edit subjects found in the input ids (:mod:`.subjects`).
@@ -448,10 +478,10 @@ class QueryBuilder:
     def __init__(self, embed: nn.Module, pool: str, track_ids: bool = False) -> None:
         self.embed = embed
         self.pool = pool
-        #: Keep each forward's input ids for the subject router (:meth:`subject_routes`).
+        #: Keep each forward's input ids for the subject router (:meth:`current_subjects`).
         self.track_ids = track_ids
         #: This forward's ids after the last ids of the earlier positions of the sequence
-        #: (``ids_first`` of them; -1 at padding), and the expert of the last position.
+        #: (``ids_first`` of them; -1 at padding), and the subject of the last position.
         self.ids: Optional[torch.Tensor] = None
         self.ids_first = 0
         self.carried: Optional[torch.Tensor] = None
@@ -544,8 +574,6 @@ class QueryBuilder:
         """Keep ``ids`` ``[B, T]`` (following ``past`` seen positions) for the subject
         router, after the last ids of the earlier positions: a subject may end in this
         forward but begin in an earlier one (a KV-cache step)."""
-        from .subjects import MAX_SUBJECT_TOKENS
-
         if cur_mask is not None:
             ids = ids.masked_fill(cur_mask.to(ids.device) == 0, -1)  # padding never matches
         if past:
@@ -561,45 +589,19 @@ class QueryBuilder:
             self.ids, self.ids_first, self.carried = ids, 0, None
         self._ids_seen = past + ids.shape[1]
 
-    def subject_routes(self, table: RoutingTable, query: torch.Tensor,
-                       valid: Optional[torch.Tensor], *, guard: bool,
-                       threshold: float) -> Routes:
-        """Routes of the subject router (:mod:`.subjects`).
-
-        Each position's subject is the edit subject that ended last at or before it in this
-        sequence; the position goes to the expert holding the anchor of that subject nearest
-        to its ``query`` ``[B, T, H]`` (normalised), so that edits of one subject in several
-        experts each keep their own. No subject, or (with ``guard``) a nearest anchor below
-        the threshold or its radius: no expert. Padding (``valid`` False / 0) goes nowhere.
-        """
-        from .subjects import carry
-
+    def current_subjects(self, subjects: SubjectIndex, device: torch.device) -> torch.Tensor:
+        """``[B, T]``: the key of the edit subject each position of this forward falls
+        under (the last one found in ``subjects`` at or before it in the sequence; -1:
+        none), on ``device``; carried on to the next forward of a KV-cached sequence."""
         if self.ids is None:
             raise RuntimeError("LEMoE subject routing has no input ids for this forward; "
                                "call the whole model, not the layer alone")
-        device = query.device
         ids = self.ids if self.ids.device == device else self.ids.to(device)
         carried = self.carried
-        subject = carry(table.subjects.matches(ids, self.ids_first),
+        subject = carry(subjects.matches(ids, self.ids_first),
                         None if carried is None else carried.to(device))
         self.carried = subject[:, -1]
-        B, T = subject.shape
-        if not table.n_anchors:
-            return Routes(torch.full((B, T, 1), -1, dtype=torch.long, device=device))
-        flat = query.reshape(B * T, -1)
-        if flat.dtype != torch.float32:
-            flat = flat.float()
-        sims = torch.addmm(table.anchor_bias, flat, table.anchors_t)
-        own = table.anchor_keys.unsqueeze(0) == subject.reshape(-1, 1)
-        best_sim, best = sims.masked_fill(~own, float("-inf")).max(1)
-        keep = own.any(1)
-        if guard:
-            keep &= best_sim >= (table.floor(threshold).index_select(0, best)
-                                 if table.has_radius else threshold)
-        if valid is not None:
-            keep &= valid.reshape(-1).bool()
-        expert = torch.where(keep, table.owner.index_select(0, best), table.no_expert)
-        return Routes(expert.view(B, T, 1))
+        return subject
 
     def layer_input(self, x: torch.Tensor):
         """``(x as float32 without autograd, this forward's raw padding mask or None)``.
