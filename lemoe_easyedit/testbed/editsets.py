@@ -32,7 +32,7 @@ import random
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Sequence
 
-from .world import EDIT_TEMPLATES, REPHRASE_TEMPLATES, Fact, World
+from .world import EDIT_TEMPLATES, REPHRASE_TEMPLATES, World
 
 __all__ = [
     "EditCase",
