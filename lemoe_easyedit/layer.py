@@ -217,9 +217,10 @@ class LEMoELayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``FFN(x) + expert_scale * sum_i g(i|x) E_i(x)``.
 
-        Routing is tensor code end to end (:func:`~.routing.select_routes`: a handful of
-        operations whatever the number of experts); the dispatch then reads the routes once
-        to run each routed expert on its positions only (:meth:`_add_expert_outputs`).
+        Routing is tensor code end to end (:meth:`route`: a handful of operations whatever
+        the number of experts); the dispatch then reads the routes once to run each routed
+        expert on its positions only (:meth:`_add_expert_outputs`; a compiled forward with
+        few experts runs them all instead and reads nothing).
         """
         out = self.base_layer(x)
         routes, table = self.forced_routes, None
@@ -228,13 +229,7 @@ class LEMoELayer(nn.Module):
             if table is None or not table.live:  # no experts, or none enabled
                 self.__dict__["_last_routes"] = None  # (nn.Module.__setattr__ is slow)
                 return out
-            hp = self.hparams
-            if hp.router == SUBJECT_ROUTER:
-                routes = self.route(*self.queries.current(x), table)
-            else:
-                query, valid = self.queries.current(x)
-                routes = select_routes(query, valid, table, router=hp.router, top_k=hp.top_k,
-                                       guard=hp.locality_guard, threshold=hp.guard_threshold)
+            routes = self.route(*self.queries.current(x), table)
         self.__dict__["_last_routes"] = routes
         return self._add_expert_outputs(x, out, routes, table)
 
@@ -307,7 +302,6 @@ class LEMoELayer(nn.Module):
         if result is not None:  # ours to write into
             return base.index_add_(0, rows, y, alpha=scale).view(out.shape)
         return base.index_add(0, rows, y, alpha=scale).view(out.shape)
-
 
     def _add_every_expert(self, x: torch.Tensor, out: torch.Tensor, routes: Routes,
                           table: RoutingTable) -> torch.Tensor:
