@@ -12,7 +12,7 @@ or before a position is that position's subject, and every later one's up to the
 sequence (including generated tokens, carried between KV-cache steps). Among the experts
 holding edits of that subject (one person's birthplace and employer may sit in two), the
 position goes to the one whose anchor is nearest, as the anchor router would choose among
-all experts (:meth:`~.routing.QueryBuilder.subject_routes`).
+all experts (:func:`~.routing.select_subject_routes`).
 
 Matching is exact and tensor code: each window of the input ending at a position is hashed
 (a polynomial over the ids, wrapping in int64), looked up with ``searchsorted`` in the
