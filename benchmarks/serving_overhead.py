@@ -38,7 +38,6 @@ import torch.nn.functional as F
 
 from lemoe_easyedit import LEMoEHyperParams, apply_lemoe_to_model, find_adaptor
 from lemoe_easyedit.injection import inject_adaptor
-from lemoe_easyedit.subjects import subject_key, subject_rows
 from lemoe_bench.measure import unedited  # benchmarks/ is this script's folder
 
 
@@ -157,10 +156,9 @@ def realistic_rows(experts: List[int], n_prompts: int, repeats: int, hidden: int
                 # edited prompt reaches its own expert as after training.
                 slot.routing.init_key_at_centroid(slot.anchors)
                 if hp.router == "subject":  # the subject of expert i: "person number i"
-                    about = {"prompt": edited[i % len(edited)],
-                             "subject": f"person number {i % len(edited)}"}
-                    slot.subject_ids, slot.subject_keys = subject_rows(tok, [about])
-                    slot.anchor_subjects = torch.tensor([subject_key(about["subject"])])
+                    slot.edits = [{"prompt": edited[i % len(edited)],
+                                   "subject": f"person number {i % len(edited)}"}]
+                    slot.store_subjects(tok, torch.zeros(1, dtype=torch.long))
                 with torch.no_grad():
                     w = slot.expert.w_out.weight
                     w.copy_(torch.randn(w.shape, generator=gen).to(w.dtype) * 1e-3)

@@ -17,6 +17,7 @@ from .model_families import ModelFamily, execution_device
 from .routing import (SUBJECT_BUFFERS, SUBJECT_ROUTER, QueryBuilder, RoutingProjection,
                       Routes, RoutingTable, keep_float32, note_slot_change, select_routes,
                       select_subject_routes)
+from .subjects import subject_key, subject_rows
 
 
 class SlotList(nn.ModuleList):
@@ -97,6 +98,16 @@ class ExpertSlot(nn.Module):
                 setattr(self, name, state[name].clone())
         self.load_state_dict(state)
         self.__dict__.pop("_anchor_owners", None)  # recorded for the anchors just replaced
+
+    def store_subjects(self, tok, anchor_edit: torch.Tensor) -> None:
+        """Fill the subject router's buffers from ``self.edits`` (each with its
+        ``subject``): their subjects' token forms and keys, and the key of each anchor,
+        whose edit (an index into ``self.edits``) is ``anchor_edit`` ``[n_anchors]``."""
+        rows, keys = subject_rows(tok, self.edits)
+        edit_keys = torch.tensor([subject_key(e["subject"]) for e in self.edits])
+        device = self.anchors.device
+        self.subject_ids, self.subject_keys = rows.to(device), keys.to(device)
+        self.anchor_subjects = edit_keys[anchor_edit.cpu()].to(device)
 
     @property
     def is_enabled(self) -> bool:

@@ -197,10 +197,15 @@ class RoutingTable:
                 * (1e-6 / (self.n + 1))
             self.anchor_bias = self.order[self.owner]
             self.all_live_anchored = all(sizes)
-        if any(len(s._buffers["subject_keys"]) for s in slots):
-            # The subject router's index, built here rather than on first use, so that no
-            # forward reads from the device to build it (a table is built once per change).
-            self._subjects, self._anchor_keys = self.subjects, self.anchor_keys
+            # The subject router's index and each anchor column's subject key (-1: a slot
+            # trained without subjects, which the subject router never serves). Built with
+            # the table (empty for the other routers) so that no forward reads the device.
+            self.subjects = SubjectIndex(
+                [(slots[i]._buffers["subject_ids"], slots[i]._buffers["subject_keys"])
+                 for i in live], device)
+            self.anchor_keys = torch.cat(
+                [_anchor_keys_of(slots[i], device) for i in live]
+                + [torch.zeros(0, dtype=torch.long, device=device)])
 
     def expert_weights(self, index: int):
         """Expert ``index``'s :meth:`~.experts.FFNExpert.serving_weights`, kept from its
@@ -218,38 +223,6 @@ class RoutingTable:
     # attributes rather than functools.cached_property, whose lock torch.compile cannot trace.)
     _down: Optional[torch.Tensor] = None
     _key_dirs: Optional[torch.Tensor] = None
-    _subjects = None
-    _anchor_keys: Optional[torch.Tensor] = None
-
-    @property
-    def subjects(self):
-        """The enabled experts' subjects (:class:`~.subjects.SubjectIndex`), built on first
-        use (only the subject router reads them)."""
-        if self._subjects is None:
-            flags = self.enabled.tolist()
-            device = self.slots[0].routing.key.device if self.slots else None
-            self._subjects = SubjectIndex(
-                [(s._buffers["subject_ids"], s._buffers["subject_keys"]) if on else None
-                 for s, on in zip(self.slots, flags)], device)
-        return self._subjects
-
-    @property
-    def anchor_keys(self) -> torch.Tensor:
-        """``[N]``: the subject key of each anchor column (-1: a slot trained without
-        subjects, which the subject router never serves)."""
-        if self._anchor_keys is None:
-            keys = []
-            for slot, on in zip(self.slots, self.enabled.tolist()):
-                if not on:
-                    continue
-                n = len(slot._buffers["anchors"])
-                own = slot._buffers["anchor_subjects"]
-                keys.append(own if len(own) == n else torch.full((n,), -1, dtype=torch.long))
-            device = self.owner.device
-            self._anchor_keys = torch.cat(
-                [k.to(device) for k in keys] + [torch.zeros(0, dtype=torch.long, device=device)])
-        return self._anchor_keys
-
     @property
     def down(self) -> torch.Tensor:
         """``W_down`` of every expert stacked, ``[n * dim, hidden]``, float32."""
@@ -326,6 +299,15 @@ class RoutingTable:
             sims = self.similarities(flat)
             near.scatter_reduce_(1, self.owner.expand_as(sims), sims, reduce="amax")
         return near
+
+
+def _anchor_keys_of(slot, device) -> torch.Tensor:
+    """The slot's per-anchor subject keys, or ``-1`` for each anchor when it has none."""
+    keys = slot._buffers["anchor_subjects"]
+    n = len(slot._buffers["anchors"])
+    if len(keys) != n:
+        return torch.full((n,), -1, dtype=torch.long, device=device)
+    return keys.to(device)
 
 
 def _radius_of(slot, device) -> torch.Tensor:
@@ -490,8 +472,8 @@ class QueryBuilder:
         self.mask: Optional[torch.Tensor] = None
         self._valid: Optional[torch.Tensor] = None
         self._sum: Optional[torch.Tensor] = None
+        #: Positions of the current sequence seen so far (what a KV cache must hold).
         self._seen = 0
-        self._ids_seen = 0
 
     @classmethod
     def for_model(cls, model: nn.Module, hparams) -> "QueryBuilder":
@@ -511,18 +493,21 @@ class QueryBuilder:
         cur_mask = None if mask is None or mask.dim() != 2 else \
             mask if mask.shape[1] == T else mask[:, -T:]
         past = cached_length(bound)
+        if past and self._seen != past:
+            raise _cache_mismatch(past, self._seen)
+        seen, self._seen = self._seen, past + T
         if self.track_ids:
             if ids is None:
                 raise ValueError("LEMoE's subject router needs input_ids (it finds the edit "
                                  "subjects in them); inputs_embeds alone cannot be routed")
-            self.note_ids(ids, cur_mask, past)
+            self.note_ids(ids, cur_mask, past, seen)
         if self.pool == LAYER_INPUT_POOL:
             # The layer builds the queries from its own input: only padding is needed here.
             self.query = None
             self.mask, self._valid = cur_mask, None
             return
         embeds = self.embed_ids(ids) if embeds is None else embeds.detach()
-        self.build(embeds, cur_mask, past)
+        self.build(embeds, cur_mask, past, seen)
 
     def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """The (frozen) input embeddings of ``ids``, without autograd.
@@ -570,24 +555,22 @@ class QueryBuilder:
             q, valid = q.to(x.device), None if valid is None else valid.to(x.device)
         return q, valid
 
-    def note_ids(self, ids: torch.Tensor, cur_mask: Optional[torch.Tensor], past: int) -> None:
-        """Keep ``ids`` ``[B, T]`` (following ``past`` seen positions) for the subject
-        router, after the last ids of the earlier positions: a subject may end in this
-        forward but begin in an earlier one (a KV-cache step)."""
+    def note_ids(self, ids: torch.Tensor, cur_mask: Optional[torch.Tensor], past: int,
+                 seen: int = 0) -> None:
+        """Keep ``ids`` ``[B, T]`` (following ``past`` cached positions; ``seen``: how many
+        the builder saw, for the error) for the subject router, after the last ids of the
+        earlier positions: a subject may end in this forward but begin in an earlier one
+        (a KV-cache step)."""
         if cur_mask is not None:
             ids = ids.masked_fill(cur_mask.to(ids.device) == 0, -1)  # padding never matches
         if past:
             tail = self.ids
-            if tail is None or self._ids_seen != past or tail.shape[0] != ids.shape[0]:
-                raise RuntimeError(
-                    f"LEMoE routing state does not match the KV cache (cache holds {past} "
-                    f"positions, routing saw {self._ids_seen}); beam search and cache "
-                    f"reordering are not supported, use greedy or sampling generation")
+            if tail is None or tail.shape[0] != ids.shape[0]:
+                raise _cache_mismatch(past, seen)
             tail = tail[:, -(MAX_SUBJECT_TOKENS - 1):]
             self.ids, self.ids_first = torch.cat([tail.to(ids.device), ids], 1), tail.shape[1]
         else:
             self.ids, self.ids_first, self.carried = ids, 0, None
-        self._ids_seen = past + ids.shape[1]
 
     def current_subjects(self, subjects: SubjectIndex, device: torch.device) -> torch.Tensor:
         """``[B, T]``: the key of the edit subject each position of this forward falls
@@ -617,8 +600,10 @@ class QueryBuilder:
         q = x.detach() if x.requires_grad else x
         return (q if q.dtype == torch.float32 else q.float()), mask
 
-    def build(self, embeds: torch.Tensor, cur_mask: Optional[torch.Tensor], past: int) -> None:
-        """Queries for ``embeds`` ``[B, T, H]`` that follow ``past`` already-seen positions.
+    def build(self, embeds: torch.Tensor, cur_mask: Optional[torch.Tensor], past: int,
+              seen: int = 0) -> None:
+        """Queries for ``embeds`` ``[B, T, H]`` that follow ``past`` cached positions
+        (``seen``: how many the builder saw, for the error).
 
         ``cur_mask`` ``[B, T]`` (1 for tokens, 0 for padding; None: no padding). The prefix
         mean is normalised without dividing by the count first: a mean and a sum differ by a
@@ -630,12 +615,9 @@ class QueryBuilder:
             embeds = embeds.float()  # routing is float32 whatever the model's dtype
         if cur_mask is not None and cur_mask.device != embeds.device:
             cur_mask = cur_mask.to(embeds.device)
-        if past and (self._seen != past or (self.pool == "prefix_mean" and (
-                self._sum is None or self._sum.shape[0] != B))):
-            raise RuntimeError(
-                f"LEMoE routing state does not match the KV cache (cache holds {past} "
-                f"positions, routing saw {self._seen}); beam search and cache reordering "
-                f"are not supported, use greedy or sampling generation")
+        if past and self.pool == "prefix_mean" and (self._sum is None or
+                                                    self._sum.shape[0] != B):
+            raise _cache_mismatch(past, seen)
         if self.pool == "prefix_mean":
             q = (embeds if cur_mask is None else embeds * cur_mask.unsqueeze(-1)).cumsum(1)
             if past:
@@ -645,7 +627,13 @@ class QueryBuilder:
             q = embeds
         self.query = unit(q)
         self.mask, self._valid = cur_mask, None
-        self._seen = past + T
+
+
+def _cache_mismatch(past: int, seen: int) -> RuntimeError:
+    return RuntimeError(
+        f"LEMoE routing state does not match the KV cache (cache holds {past} positions, "
+        f"routing saw {seen}); beam search and cache reordering are not supported, use "
+        f"greedy or sampling generation")
 
 
 def unit(q: torch.Tensor) -> torch.Tensor:

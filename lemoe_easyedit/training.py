@@ -29,7 +29,6 @@ from .activation_cache import UpperStack
 from .layer import LEMoELayer
 from .locality import NO_RADIUS, NegativePool, fit_radii, subject_ids, subject_swaps
 from .routing import LAYER_INPUT_POOL, SUBJECT_ROUTER, Routes, note_slot_change
-from .subjects import subject_key, subject_rows
 
 
 @dataclass
@@ -296,11 +295,7 @@ def _train_slot(model, layer, slot_index, edits, tok, hp, progress, trace, negat
     slot.anchors = anchors.detach().clone()
     owner = full.anchor_mask.nonzero()[:, 0].cpu()
     if hp.router == SUBJECT_ROUTER:
-        # (slot.edits are the records of ``edits``, in the same order.)
-        rows, keys = subject_rows(tok, slot.edits)
-        edit_keys = torch.tensor([subject_key(e["subject"]) for e in slot.edits])
-        slot.subject_ids, slot.subject_keys = rows.to(device), keys.to(device)
-        slot.anchor_subjects = edit_keys[owner].to(device)
+        slot.store_subjects(tok, owner)  # slot.edits are the records of ``edits``, in order
     slot.__dict__["_anchor_owners"] = owner  # read by negative_pool once the slot is frozen
     if negatives is not None and len(negatives):
         subjects = torch.tensor(list(edit_subjects) if edit_subjects is not None

@@ -149,3 +149,26 @@ def test_edits_of_one_subject_in_several_experts_each_keep_their_own(tiny_models
             model(**tok(r["prompt"], return_tensors="pt"))
         assert layer.last_routes.expert[0, -1, 0].item() == slot
     assert rel(model, tok, reqs) == 1.0
+
+
+@pytest.mark.parametrize("pool,track", [("prefix_mean", False), ("ffn_input", True)])
+def test_a_cache_the_routing_did_not_see_is_refused(pool, track):
+    """The prefix sums and the subject ids continue a KV-cached sequence only when the cache
+    holds exactly the positions the routing saw (beam search reorders it)."""
+    from lemoe_easyedit.routing import QueryBuilder
+
+    class Cache:
+        def __init__(self, n):
+            self.n = n
+
+        def get_seq_length(self):
+            return self.n
+
+    queries = QueryBuilder(torch.nn.Embedding(10, 4), pool, track_ids=track)
+    model = torch.nn.Module()
+    queries(model, (), {"input_ids": torch.tensor([[1, 2, 3]])})
+    queries(model, (), {"input_ids": torch.tensor([[4]]), "cache": Cache(3)})   # continues
+    with pytest.raises(RuntimeError, match="does not match the KV cache"):
+        queries(model, (), {"input_ids": torch.tensor([[5]]), "cache": Cache(2)})
+    with pytest.raises(RuntimeError, match="does not match the KV cache"):   # batch changed
+        queries(model, (), {"input_ids": torch.tensor([[5], [6]]), "cache": Cache(4)})
