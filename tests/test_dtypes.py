@@ -27,7 +27,8 @@ def hp_for(path, **kw):
     return dataclasses.replace(hp, model_name=str(path), **kw)
 
 
-@pytest.mark.parametrize("router,pool", [("learned", "prefix_mean"), ("anchor", "ffn_input")])
+@pytest.mark.parametrize("router,pool", [("learned", "prefix_mean"), ("anchor", "ffn_input"),
+                                         ("subject", "ffn_input")])
 def test_16_bit_models_edit_with_finite_losses_and_reach_float32_rel(tiny_models, monkeypatch,
                                                                      router, pool):
     path = tiny_models("llama")
@@ -123,7 +124,8 @@ def test_saves_from_before_fingerprints_load_in_their_dtype(tiny_models, tmp_pat
                 load_edits(load(path, dtype)[0], d)
 
 
-@pytest.mark.parametrize("router,pool", [("learned", "prefix_mean"), ("anchor", "ffn_input")])
+@pytest.mark.parametrize("router,pool", [("learned", "prefix_mean"), ("anchor", "ffn_input"),
+                                         ("subject", "ffn_input")])
 def test_half_after_editing_then_another_edit(tiny_models, router, pool):
     path = tiny_models("llama")
     reqs = fact_requests(10)
