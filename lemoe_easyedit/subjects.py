@@ -6,8 +6,8 @@ and a neighbour (same relation, another subject) differ in the subject and littl
 no query computed at the position being predicted tells them apart (measured in
 ``examples/results/realfact-subject-keys.md``). The subject's tokens do: they are in every
 paraphrase and in no neighbour. So each expert keeps the token ids of its edits' subjects
-(the forms a tokenizer gives the subject at the start of a text, after a space and inside
-the edit prompt), and a forward finds them in its input ids: the subject that ended last at
+(the forms a tokenizer gives the subject at the start of a text, after a space, before a
+possessive or punctuation mark, and inside the edit prompt), and a forward finds them in its input ids: the subject that ended last at
 or before a position is that position's subject, and every later one's up to the end of the
 sequence (including generated tokens, carried between KV-cache steps). Among the experts
 holding edits of that subject (one person's birthplace and employer may sit in two), the
@@ -36,22 +36,36 @@ MAX_SUBJECT_TOKENS = 32
 _HASH_BASE = 0x9E3779B97F4A7C15 - (1 << 64)
 
 
+#: What may stand right before and right after a subject in a text. A tokenizer that does
+#: not split punctuation from words (the realfact BPE: ``Royer's`` -> ``▁Roy``, ``er's``)
+#: spells a subject's last token differently before ``'s`` or ``,``: each such spelling is
+#: a form of its own.
+_BEFORE = ("", "x ", "x (", 'x "')
+_AFTER = ("", "'s", "’s", "'", ",", ".", "?", "!", ":", ";", ")", '"')
+
+
 def subject_token_forms(tok, request: Dict) -> List[List[int]]:
     """The token-id sequences under which ``request["subject"]`` may appear in a text.
 
-    As the tokenizer writes it at the start of a text, after a space, and inside the edit
-    prompt (a fast tokenizer's offsets locate it there). Raises ValueError when the request
+    The tokens covering the subject at the start of a text and after a space, bracket or
+    quote, each followed by nothing, a possessive or a punctuation mark (:data:`_BEFORE`,
+    :data:`_AFTER`), and inside the edit prompt; a fast tokenizer's offsets locate them
+    (a slow one gives the first two plain forms only). Raises ValueError when the request
     has no subject or the subject yields no tokens.
     """
     subject = request.get("subject")
     if not isinstance(subject, str) or not subject.strip():
         raise ValueError(f"router 'subject' needs each request's 'subject'; got {subject!r} "
                          f"for prompt {request.get('prompt')!r}")
-    forms = [_ids(tok, subject)]
-    before = _ids(tok, "x")
-    spaced = _ids(tok, "x " + subject)
-    if spaced[:len(before)] == before:
-        forms.append(spaced[len(before):])
+    if getattr(tok, "is_fast", False):
+        forms = [_covering(tok, before + subject + after, len(before), subject)
+                 for before in _BEFORE for after in _AFTER]
+    else:
+        forms = [_ids(tok, subject)]
+        before = _ids(tok, "x")
+        spaced = _ids(tok, "x " + subject)
+        if spaced[:len(before)] == before:
+            forms.append(spaced[len(before):])
     forms.append(_in_prompt(tok, request["prompt"], subject))
     out: List[List[int]] = []
     for form in forms:
@@ -67,16 +81,21 @@ def _ids(tok, text: str) -> List[int]:
     return list(tok(text, add_special_tokens=False)["input_ids"])
 
 
+def _covering(tok, text: str, start: int, subject: str) -> List[int]:
+    """The tokens of ``text`` (a fast tokenizer's) that overlap ``subject`` at ``start``."""
+    end = start + len(subject)
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    return [i for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"])
+            if a < end and b > start]
+
+
 def _in_prompt(tok, prompt: str, subject: str) -> List[int]:
     """The prompt's tokens that overlap the subject's last occurrence (empty: the tokenizer
     gives no offsets, or the subject is not in the prompt)."""
     start = prompt.rfind(subject)
     if start < 0 or not getattr(tok, "is_fast", False):
         return []
-    end = start + len(subject)
-    enc = tok(prompt, add_special_tokens=False, return_offsets_mapping=True)
-    return [i for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"])
-            if a < end and b > start]
+    return _covering(tok, prompt, start, subject)
 
 
 def subject_key(subject: str) -> int:

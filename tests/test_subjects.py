@@ -71,6 +71,26 @@ def test_subject_forms_cover_start_of_text_after_a_space_and_inside_the_prompt(t
         subject_token_forms(tok, {"prompt": "x", "target_new": "y"})
 
 
+def test_subject_forms_cover_a_last_token_merged_with_punctuation():
+    # The realfact BPE keeps punctuation in words: with "Royer's" frequent it spells the
+    # subject's last token "▁Royer's" there; the subject must be found in such a text, once.
+    from lemoe_easyedit.realfact.tokenizer import build_tokenizer
+    names = ["Ann", "Bob", "Carl", "Dora", "Eve", "Finn", "Gus", "Hal", "Ida", "Jo", "Kai"]
+    texts = [f"{n} {s}'s team is {w}" for n in names for s in ("Royer", "Rover")
+             for w in ("big", "small", "red")] + ["Daniel Royer plays", "Daniel Royer, who plays"]
+    tok = build_tokenizer(texts, vocab_size=330)
+    req = {"prompt": "Daniel Royer plays", "target_new": "chess", "subject": "Daniel Royer"}
+    index = SubjectIndex([subject_rows(tok, [req])], "cpu")
+    key = subject_key("Daniel Royer")
+    for text in ("Daniel Royer's team is", "Yes. Daniel Royer, who plays", "Daniel Royer plays"):
+        enc = tok(text, return_offsets_mapping=True)
+        end = text.index("Royer") + len("Royer")
+        last = max(i for i, (a, b) in enumerate(enc["offset_mapping"]) if a < end)
+        found = index.matches(torch.tensor([enc["input_ids"]]), 0)[0].tolist()
+        assert found[last] == key and found.count(key) == 1, (text, found)
+    assert "▁Royer's" in tok.tokenize("Daniel Royer's team is")  # what makes the case hard
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_subject_router_serves_paraphrases_and_leaves_other_subjects_alone(tiny_models,
                                                                              family):
