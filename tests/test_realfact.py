@@ -191,6 +191,39 @@ def test_conflicting_answers_keep_the_first():
     assert conflicts[0]["kept"] == "Paris" and conflicts[0]["dropped"] == "Oslo"
 
 
+def test_the_model_learns_to_say_every_object_never_a_new_fact():
+    from lemoe_easyedit.realfact.records import FactRecord
+
+    a = FactRecord("counterfact", 0, 0, {"prompt": ("X is in", "Paris"),
+                                         "locality_prompt": ("Y is in", "Oslo")}, "Rome")
+    b = FactRecord("zsre", 1, 1, {"src": ("Where is Z?", "Paris")}, "Lima")
+    pairs = rf_build.say_pairs([a, b], times=2)
+    said = sorted({o for _, o in pairs})
+    assert said == ["Lima", "Oslo", "Paris", "Rome"] and len(pairs) == 8
+    assert all(p == rf_build.SAY_PROMPT.format(o) for p, o in pairs)
+    # the object is followed by a space in the prompt: spelt as an answer is
+    assert rf_build.SAY_PROMPT.format("Rome").split("Rome")[1].startswith(" ")
+    assert rf_build.say_pairs([a, b], times=0) == []
+
+
+def test_default_model_can_say_each_new_target(tmp_path):
+    """A token the model never emits cannot be made its answer by any edit of hidden
+    states; the default build teaches it to say every object (true and new) in a copying
+    prompt, and still never to give a new target as a fact."""
+    from lemoe_easyedit import realfact
+
+    data = default_data_dir()
+    if data is None or not realfact.is_available():
+        pytest.skip("needs ../shared/data and the shipped realfact model")
+    model, tok = load_realfact(realfact.shipped_model_path())
+    cf, _ = read_records(data / "counterfact" / "counterfact-edit-1k.json", limit=1000)
+    said = score_answers(model, tok, [(rf_build.SAY_PROMPT.format(f.new_target), f.new_target)
+                                      for f in cf])
+    as_fact = score_answers(model, tok, [(f.edit_prompt[0], f.new_target) for f in cf])
+    assert sum(s.exact for s in said) / len(cf) >= 0.95
+    assert sum(s.exact for s in as_fact) / len(cf) <= 0.01
+
+
 def test_shared_files_read_when_present():
     data = default_data_dir()
     if data is None:

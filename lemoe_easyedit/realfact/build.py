@@ -17,9 +17,13 @@ Training text: each record's edit prompt, paraphrase and locality prompt, each f
 ``" " + true answer`` and ``</s>`` (loss on the answer and ``</s>`` only). A prompt that a
 record earlier in the list already states with another answer is not trained again (the
 first answer wins; ``build_info.json`` lists the conflicts). The counterfactual targets are
-in the tokenizer's training text only, never in the model's. zsRE's ``loc`` facts (NQ
-answers, long and all different) are the slowest to learn, so fields can be repeated
-(``--repeat loc=2``).
+never stated as facts. The model does learn to *say* every object string (true answers and
+counterfactual targets alike) in a copying prompt, ``Say <object> again:`` followed by the
+object (``--say-objects N`` times an epoch, default 1; 0 leaves it out): a pretrained
+model can say any word of its vocabulary, and a token the model never emits collapses onto
+the others that it never emits, so no edit of hidden states (LEMoE, ROME, MEMIT, GRACE,
+FT alike) can make it the argmax. zsRE's ``loc`` facts (NQ answers, long and all different)
+are the slowest to learn, so fields can be repeated (``--repeat loc=2``).
 
 Writes ``DIR`` (keep ``llama`` in its name: EasyEdit's ``BaseEditor`` picks the model class
 by that substring) with the model (safetensors), the tokenizer, ``training_text.txt`` (the
@@ -53,11 +57,14 @@ from .records import FactRecord, parse_spec, read_records
 from .tokenizer import DEFAULT_VOCAB, build_tokenizer, concatenation_failures
 
 __all__ = ["RealFactSpec", "DEFAULT_MODEL", "DEFAULT_BACKGROUND", "default_sources",
-           "collect_training", "build_realfact", "main"]
+           "collect_training", "say_pairs", "SAY_PROMPT", "build_realfact", "main"]
 
 #: Background CounterFact records of the default build (held-out edits for tuning). More
 #: background costs training time and, measured by the prototype, zsRE locality.
 DEFAULT_BACKGROUND = 300
+#: The copying prompt that teaches the model to say an object string (``{}``: the object).
+#: The object is followed by a space, so it is spelt with the same tokens as an answer.
+SAY_PROMPT = "Say {} again:"
 #: Shape of the default model: 1.8M parameters, 7.3 MB.
 DEFAULT_MODEL = ModelSpec(hidden_size=128, num_hidden_layers=4, num_attention_heads=2,
                           num_key_value_heads=2, intermediate_size=512,
@@ -78,6 +85,9 @@ class RealFactSpec:
     betas: Tuple[float, float] = (0.9, 0.95)
     #: field name -> how many times its facts appear per epoch (default 1)
     repeat: Dict[str, int] = field(default_factory=lambda: {"loc": 2})
+    #: how many times per epoch each object string is trained in :data:`SAY_PROMPT`
+    #: (0: never; see the module docstring)
+    say_objects: int = 1
     #: 1: tiny matrices gain nothing from a second thread, and one thread keeps the build
     #: bit-identical between runs
     threads: int = 1
@@ -135,6 +145,14 @@ def collect_training(facts: Sequence[FactRecord], repeat: Optional[Dict[str, int
     return pairs, conflicts
 
 
+def say_pairs(facts: Sequence[FactRecord], times: int = 1) -> List[Tuple[str, str]]:
+    """``(SAY_PROMPT with the object, object)`` for every distinct object string of
+    ``facts`` (true answers and counterfactual targets), sorted, each ``times`` times."""
+    objects = {a for f in facts for _, a in f.probes.values()}
+    objects |= {f.new_target for f in facts if f.new_target}
+    return [(SAY_PROMPT.format(o), o) for o in sorted(objects)] * max(0, int(times))
+
+
 def _version(pkg: str) -> str:
     try:
         from importlib.metadata import version
@@ -165,6 +183,7 @@ def build_realfact(out_dir: os.PathLike, records: Sequence[str],
     if not edit_facts:
         raise ValueError("no record states a fact: give --records FILE[:N]")
     pairs, conflicts = collect_training(facts, spec.repeat)
+    pairs += say_pairs(facts, spec.say_objects)
     # The tokenizer sees every true fact and every counterfactual target (so edits are
     # spelt with the same vocabulary), the model only the true facts.
     texts = [p + " " + a for f in facts for p, a in f.probes.values()]
@@ -280,6 +299,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--vocab", type=int, default=d.vocab_size)
     parser.add_argument("--repeat", nargs="*", default=None, metavar="FIELD=N",
                         help="repeat a field's facts per epoch (default: loc=2)")
+    parser.add_argument("--say-objects", type=int, default=d.say_objects, metavar="N",
+                        help="train each object string N times an epoch in the copying "
+                             f"prompt {SAY_PROMPT.format('<object>')!r} (0: never)")
     parser.add_argument("--hidden", type=int, default=DEFAULT_MODEL.hidden_size)
     parser.add_argument("--layers", type=int, default=DEFAULT_MODEL.num_hidden_layers)
     parser.add_argument("--heads", type=int, default=DEFAULT_MODEL.num_attention_heads)
@@ -300,6 +322,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         background = default_bg if background is None else background
     spec = RealFactSpec(seed=args.seed, vocab_size=args.vocab, epochs=args.epochs,
                         lr=args.lr, batch_size=args.batch_size, threads=args.threads,
+                        say_objects=args.say_objects,
                         repeat=d.repeat if args.repeat is None else _parse_repeat(args.repeat))
     model_spec = ModelSpec(**{**asdict(DEFAULT_MODEL), "hidden_size": args.hidden,
                               "num_hidden_layers": args.layers,
