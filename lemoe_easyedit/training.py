@@ -467,23 +467,29 @@ def _fit_expert_params(model, layer: LEMoELayer, slot_index: int, edits, tok, hp
     # disable=None: shown on a terminal only (no bar lines in logs and captured output).
     bar = tqdm(total=hp.max_steps, desc="LEMoE expert", leave=False,
                disable=True if not progress or hp.max_steps < 20 else None)
-    while steps < hp.max_steps:
-        losses = []
+    # A minibatch already under the threshold takes no step, and training ends after an
+    # epoch that took none: the expert returned is the one whose losses were measured (one
+    # more Adam step after the loss was seen, its momentum still that of the large early
+    # gradients, can undo the fit: measured 0.008 -> 0.48).
+    stepped = True
+    while stepped and steps < hp.max_steps:
+        losses, stepped = [], False
         for k in torch.randperm(len(batches), generator=gen).tolist():
             loss = step_loss(k)
             _check_finite(loss, "expert")
-            opt.zero_grad()
-            loss.backward(inputs=params)
-            opt.step()
             losses.append(loss.item())
             if trace is not None:
                 trace.append(losses[-1])
+            if losses[-1] < hp.loss_threshold:
+                continue
+            opt.zero_grad()
+            loss.backward(inputs=params)
+            opt.step()
+            stepped = True
             steps += 1
             bar.update(1)
             if steps >= hp.max_steps:
                 break
-        if max(losses) < hp.loss_threshold:
-            break
     bar.close()
     for p in params:
         p.grad = None
