@@ -111,6 +111,34 @@ def test_compare_writes_one_table_and_plot(setup, tmp_path):
 
 
 @pytest.mark.skipif(not _testbed_ready(), reason="the embedded testbed is not in this checkout")
+def test_compare_reuse_keeps_results_of_the_same_command_and_hparams(setup, tmp_path):
+    specs, flags, kind = setup
+    by_method = {s.split("=")[0]: s for s in specs}
+    lemoe_src = (by_method["LEMoE"].split("=", 1)[1] if "=" in by_method["LEMoE"]
+                 else HP / "LEMoE" / "testbed-llama.yaml")
+    cfg = yaml.safe_load(Path(lemoe_src).read_text())
+    cfg["model_name"] = str(runner.prepare_hparams("LEMoE", str(lemoe_src), compare_args(
+        tmp_path, ["LEMoE"], **flags)).model_name)
+    lemoe_yaml = tmp_path / "LEMoE.yaml"
+    lemoe_yaml.write_text(yaml.safe_dump(cfg))
+    methods = [f"LEMoE={lemoe_yaml}", by_method["GRACE"]]
+    flags = dict(flags, num_edits=10)
+    assert runner.compare_command(compare_args(tmp_path / "cmp", methods, **flags)) == 0
+    first = json.loads((tmp_path / "cmp" / "compare.json").read_text())["rows"]
+    # Same command and hparams: both kept. LEMoE's lr changed: LEMoE runs again.
+    assert runner.compare_command(compare_args(tmp_path / "cmp", methods, reuse=True,
+                                               **flags)) == 0
+    rows = json.loads((tmp_path / "cmp" / "compare.json").read_text())["rows"]
+    assert [r["status"] for r in rows] == ["reused", "reused"]
+    assert [r["summary"] for r in rows] == [r["summary"] for r in first]
+    lemoe_yaml.write_text(yaml.safe_dump(dict(cfg, lr=cfg["lr"] * 2)))
+    assert runner.compare_command(compare_args(tmp_path / "cmp", methods, reuse=True,
+                                               **flags)) == 0
+    rows = json.loads((tmp_path / "cmp" / "compare.json").read_text())["rows"]
+    assert [r["status"] for r in rows] == ["ok", "reused"]
+    assert json.loads(Path(rows[0]["results"]).read_text())["hparams"]["lr"] == cfg["lr"] * 2
+
+
 def test_lemoe_on_the_testbed_T50():
     from lemoe_easyedit.evaluation import data as data_mod
 

@@ -122,6 +122,9 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
                              "default for --data testbed: testbed-llama")
     parser.add_argument("--timeout", type=float, default=None,
                         help="seconds allowed to each method's process")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep a method's OUT/<METHOD>/results.json instead of running it "
+                             "again when it was made by the same command and hparams")
     _data_arguments(parser)
     return parser
 
@@ -346,6 +349,22 @@ def _subprocess_env() -> Dict[str, str]:
     return env
 
 
+def _reusable(res_file: Path, cmd: List[str], method: str, hp_path: str,
+              args: argparse.Namespace) -> Optional[dict]:
+    """``res_file``'s results when ``run`` made them with ``cmd``'s arguments and the
+    hparams ``hp_path`` gives now (after the same overrides); else None."""
+    from .provenance import _hparams_dict
+
+    if not res_file.exists():
+        return None
+    res = json.loads(res_file.read_text())
+    if res.get("command", [])[1:] != cmd[1:]:
+        return None
+    if res.get("hparams") != _hparams_dict(prepare_hparams(method, hp_path, args)):
+        return None
+    return res
+
+
 def compare(args: argparse.Namespace) -> Dict[str, Any]:
     """Run every method in its own process; write and return the combined table."""
     from .report import summary_table
@@ -362,6 +381,14 @@ def compare(args: argparse.Namespace) -> Dict[str, Any]:
                "--hparams", hp_path, "--out", str(method_out)] + _forwarded_flags(args)
         t0 = time.time()
         status, error = "ok", None
+        res_file = method_out / "results.json"
+        kept = _reusable(res_file, cmd, method, hp_path, args) if args.reuse else None
+        if kept is not None:
+            print(f"[compare] {method}: reusing {res_file}", file=sys.stderr)
+            results.append(kept)
+            rows.append(_row(method, "reused", hp_path, cmd, kept["timings"].get("total_s"),
+                             kept, res_file))
+            continue
         with open(method_out / "process.log", "w", encoding="utf-8") as plog:
             try:
                 proc = subprocess.run(cmd, stdout=plog, stderr=subprocess.STDOUT,
@@ -370,7 +397,6 @@ def compare(args: argparse.Namespace) -> Dict[str, Any]:
             except subprocess.TimeoutExpired:
                 code, status = None, "timeout"
         wall = time.time() - t0
-        res_file = method_out / "results.json"
         if code != 0 or not res_file.exists():
             status = status if status == "timeout" else "failed"
             tail = (method_out / "process.log").read_text(errors="replace")[-2000:]
@@ -382,12 +408,7 @@ def compare(args: argparse.Namespace) -> Dict[str, Any]:
             continue
         res = json.loads(res_file.read_text())
         results.append(res)
-        rows.append({"method": method, "status": status, "hparams": hp_path, "command": cmd,
-                     "wall_s": wall, "implementation": res.get("implementation"),
-                     "scoring": res.get("scoring"), "summary": res.get("summary"),
-                     "checkpoints": res.get("checkpoints"), "timings": res.get("timings"),
-                     "protocol": res.get("protocol"), "results": str(res_file),
-                     "requests_sha256": res.get("data", {}).get("requests_sha256")})
+        rows.append(_row(method, status, hp_path, cmd, wall, res, res_file))
     fingerprints = {r.get("requests_sha256") for r in rows if r.get("requests_sha256")}
     if len(fingerprints) > 1:  # pragma: no cover - would be a bug
         raise RuntimeError(f"methods were not given the same edits: {fingerprints}")
@@ -402,7 +423,7 @@ def compare(args: argparse.Namespace) -> Dict[str, Any]:
         "argv": list(getattr(args, "_argv", []) or []),
     }
     table = summary_table(results)
-    failed = [r for r in rows if r["status"] != "ok"]
+    failed = [r for r in rows if r["status"] not in ("ok", "reused")]
     lines = [f"# Lifelong editing on {args.data}", "", table, ""]
     if failed:
         lines += ["Failed: " + ", ".join(f"{r['method']} ({r['status']})" for r in failed), ""]
@@ -412,7 +433,7 @@ def compare(args: argparse.Namespace) -> Dict[str, Any]:
                   f"{results[0]['protocol']['num_edits']} edits in chunks of "
                   f"T={results[0]['protocol']['chunk_size']}.", ""]
         for r in rows:
-            if r["status"] == "ok":
+            if r["status"] in ("ok", "reused"):
                 p = r["protocol"]
                 lines.append(f"- {r['method']}: {p['edit_mode']} editing "
                              f"({len(p['edit_calls'])} calls per chunk), hparams "
@@ -432,12 +453,23 @@ def compare(args: argparse.Namespace) -> Dict[str, Any]:
     return combined
 
 
+def _row(method: str, status: str, hp_path: str, cmd: List[str], wall: Optional[float],
+         res: dict, res_file: Path) -> Dict[str, Any]:
+    """One method's row of ``compare.json``."""
+    return {"method": method, "status": status, "hparams": hp_path, "command": cmd,
+            "wall_s": wall, "implementation": res.get("implementation"),
+            "scoring": res.get("scoring"), "summary": res.get("summary"),
+            "checkpoints": res.get("checkpoints"), "timings": res.get("timings"),
+            "protocol": res.get("protocol"), "results": str(res_file),
+            "requests_sha256": res.get("data", {}).get("requests_sha256")}
+
+
 def compare_command(args: argparse.Namespace) -> int:
     """``compare`` subcommand: 0 when every method ran, 1 otherwise."""
     combined = compare(args)
     print(combined["table"])
     print(f"table: {Path(args.out) / 'compare.md'}  json: {Path(args.out) / 'compare.json'}")
-    return 0 if all(r["status"] == "ok" for r in combined["rows"]) else 1
+    return 0 if all(r["status"] in ("ok", "reused") for r in combined["rows"]) else 1
 
 
 # ----------------------------------------------------------------------- entry point
