@@ -152,7 +152,8 @@ def main(argv=None) -> int:
                  f"the {len(requests)} known zsRE edit records after the first 900 (never in "
                  "a reported T=900 run)")
         lines = [f"# {method} on held-out realfact records", "",
-                 f"`python examples/realfact_tune.py --methods {method} --n {args.n}"
+                 f"`python examples/realfact_tune.py --methods {method}"
+                 f"{f' --n {args.n}' if args.heldout == 'background' else ''}"
                  f"{f' --skip {args.skip}' if args.skip else ''}"
                  f"{' --heldout zsre-tail' if args.heldout != 'background' else ''}`: {which}, "
                  "all edited, then all scored; "
@@ -171,7 +172,8 @@ def main(argv=None) -> int:
                          f"{f(r['gen_wild'])} | {f(r['edit_s'])} |")
         name = f"realfact-{method}{args.tag}"
         if args.grid:
-            lines[2] = lines[2].replace(f"--n {args.n}", f"--n {args.n} --grid '{args.grid}'")
+            lines[2] = lines[2].replace(f"--methods {method}",
+                                        f"--methods {method} --grid '{args.grid}'")
         (out / f"{name}.md").write_text("\n".join(lines) + "\n")
         (out / f"{name}.json").write_text(json.dumps(rows, indent=1) + "\n")
         print("\n".join(lines))
