@@ -1,7 +1,6 @@
 """The adaptor, routing, ordering and hparams, on tiny local models."""
 
 import dataclasses
-from pathlib import Path
 
 import numpy as np
 import pytest
