@@ -62,11 +62,7 @@ def heldout_requests(n: int, skip: int = 0, model_dir=None) -> List[dict]:
         if data_dir is None:
             raise SystemExit("the background file is not here: set LEMOE_DATA_DIR")
         src = data_dir / "counterfact" / src.name
-    requests = load_counterfact(src)[:bg[0]["records"]]
-    model, tok = realfact.load_realfact(path)
-    kept, dropped = realfact.known_requests(model, tok, requests)
-    print(f"held-out: {len(kept)} of {len(requests)} background records known "
-          f"({len(dropped)} dropped)", file=sys.stderr)
+    kept = _known(path, load_counterfact(src)[:bg[0]["records"]], "background records")
     kept = kept[skip:skip + n]
     if len(kept) < n:
         raise SystemExit(f"only {len(kept)} known held-out records after --skip {skip}")
@@ -84,10 +80,17 @@ def zsre_tail_requests(reported: int = 900, model_dir=None) -> List[dict]:
         raise SystemExit("the zsRE file is not here: set LEMOE_DATA_DIR")
     requests = load_zsre(data_dir / "zsre" / "zsre_mend_train-1k.json", skip_malformed=True)
     path = Path(model_dir) if model_dir else realfact.realfact_model_path()
+    return _known(path, requests[reported:], f"zsRE records after the first {reported}")
+
+
+def _known(path: Path, requests: List[dict], what: str) -> List[dict]:
+    """The ``requests`` the model at ``path`` knows (every probe answered exactly)."""
+    from lemoe_easyedit import realfact
+
     model, tok = realfact.load_realfact(path)
-    kept, dropped = realfact.known_requests(model, tok, requests[reported:])
-    print(f"held-out zsRE: {len(kept)} known of the {len(requests) - reported} records after "
-          f"the first {reported}", file=sys.stderr)
+    kept, dropped = realfact.known_requests(model, tok, requests)
+    print(f"held-out: {len(kept)} of {len(requests)} {what} known ({len(dropped)} dropped)",
+          file=sys.stderr)
     return kept
 
 

@@ -495,19 +495,19 @@ class QueryBuilder:
         past = cached_length(bound)
         if past and self._seen != past:
             raise _cache_mismatch(past, self._seen)
-        seen, self._seen = self._seen, past + T
         if self.track_ids:
             if ids is None:
                 raise ValueError("LEMoE's subject router needs input_ids (it finds the edit "
                                  "subjects in them); inputs_embeds alone cannot be routed")
-            self.note_ids(ids, cur_mask, past, seen)
+            self.note_ids(ids, cur_mask, past)
         if self.pool == LAYER_INPUT_POOL:
             # The layer builds the queries from its own input: only padding is needed here.
             self.query = None
             self.mask, self._valid = cur_mask, None
-            return
-        embeds = self.embed_ids(ids) if embeds is None else embeds.detach()
-        self.build(embeds, cur_mask, past, seen)
+        else:
+            embeds = self.embed_ids(ids) if embeds is None else embeds.detach()
+            self.build(embeds, cur_mask, past)
+        self._seen = past + T
 
     def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """The (frozen) input embeddings of ``ids``, without autograd.
@@ -555,18 +555,16 @@ class QueryBuilder:
             q, valid = q.to(x.device), None if valid is None else valid.to(x.device)
         return q, valid
 
-    def note_ids(self, ids: torch.Tensor, cur_mask: Optional[torch.Tensor], past: int,
-                 seen: int = 0) -> None:
-        """Keep ``ids`` ``[B, T]`` (following ``past`` cached positions; ``seen``: how many
-        the builder saw, for the error) for the subject router, after the last ids of the
-        earlier positions: a subject may end in this forward but begin in an earlier one
-        (a KV-cache step)."""
+    def note_ids(self, ids: torch.Tensor, cur_mask: Optional[torch.Tensor], past: int) -> None:
+        """Keep ``ids`` ``[B, T]`` (following ``past`` cached positions) for the subject
+        router, after the last ids of the earlier positions: a subject may end in this
+        forward but begin in an earlier one (a KV-cache step)."""
         if cur_mask is not None:
             ids = ids.masked_fill(cur_mask.to(ids.device) == 0, -1)  # padding never matches
         if past:
             tail = self.ids
             if tail is None or tail.shape[0] != ids.shape[0]:
-                raise _cache_mismatch(past, seen)
+                raise _cache_mismatch(past, self._seen)
             tail = tail[:, -(MAX_SUBJECT_TOKENS - 1):]
             self.ids, self.ids_first = torch.cat([tail.to(ids.device), ids], 1), tail.shape[1]
         else:
@@ -600,10 +598,8 @@ class QueryBuilder:
         q = x.detach() if x.requires_grad else x
         return (q if q.dtype == torch.float32 else q.float()), mask
 
-    def build(self, embeds: torch.Tensor, cur_mask: Optional[torch.Tensor], past: int,
-              seen: int = 0) -> None:
-        """Queries for ``embeds`` ``[B, T, H]`` that follow ``past`` cached positions
-        (``seen``: how many the builder saw, for the error).
+    def build(self, embeds: torch.Tensor, cur_mask: Optional[torch.Tensor], past: int) -> None:
+        """Queries for ``embeds`` ``[B, T, H]`` that follow ``past`` cached positions.
 
         ``cur_mask`` ``[B, T]`` (1 for tokens, 0 for padding; None: no padding). The prefix
         mean is normalised without dividing by the count first: a mean and a sum differ by a
@@ -617,7 +613,7 @@ class QueryBuilder:
             cur_mask = cur_mask.to(embeds.device)
         if past and self.pool == "prefix_mean" and (self._sum is None or
                                                     self._sum.shape[0] != B):
-            raise _cache_mismatch(past, seen)
+            raise _cache_mismatch(past, self._seen)
         if self.pool == "prefix_mean":
             q = (embeds if cur_mask is None else embeds * cur_mask.unsqueeze(-1)).cumsum(1)
             if past:

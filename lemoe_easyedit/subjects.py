@@ -58,8 +58,11 @@ def subject_token_forms(tok, request: Dict) -> List[List[int]]:
         raise ValueError(f"router 'subject' needs each request's 'subject'; got {subject!r} "
                          f"for prompt {request.get('prompt')!r}")
     if getattr(tok, "is_fast", False):
-        forms = [_covering(tok, before + subject + after, len(before), subject)
-                 for before in _BEFORE for after in _AFTER]
+        texts = [before + subject + after for before in _BEFORE for after in _AFTER]
+        starts = [len(before) for before in _BEFORE for _ in _AFTER]
+        enc = tok(texts, add_special_tokens=False, return_offsets_mapping=True)  # one call
+        forms = [_covering(ids, offsets, start, start + len(subject)) for ids, offsets, start
+                 in zip(enc["input_ids"], enc["offset_mapping"], starts)]
     else:
         forms = [_ids(tok, subject)]
         before = _ids(tok, "x")
@@ -81,12 +84,9 @@ def _ids(tok, text: str) -> List[int]:
     return list(tok(text, add_special_tokens=False)["input_ids"])
 
 
-def _covering(tok, text: str, start: int, subject: str) -> List[int]:
-    """The tokens of ``text`` (a fast tokenizer's) that overlap ``subject`` at ``start``."""
-    end = start + len(subject)
-    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
-    return [i for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"])
-            if a < end and b > start]
+def _covering(ids: Sequence[int], offsets, start: int, end: int) -> List[int]:
+    """The token ids whose character ``offsets`` overlap ``[start, end)``."""
+    return [i for i, (a, b) in zip(ids, offsets) if a < end and b > start]
 
 
 def _in_prompt(tok, prompt: str, subject: str) -> List[int]:
@@ -95,7 +95,8 @@ def _in_prompt(tok, prompt: str, subject: str) -> List[int]:
     start = prompt.rfind(subject)
     if start < 0 or not getattr(tok, "is_fast", False):
         return []
-    return _covering(tok, prompt, start, subject)
+    enc = tok(prompt, add_special_tokens=False, return_offsets_mapping=True)
+    return _covering(enc["input_ids"], enc["offset_mapping"], start, start + len(subject))
 
 
 def subject_key(subject: str) -> int:
