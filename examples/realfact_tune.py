@@ -110,6 +110,9 @@ def main(argv=None) -> int:
     p.add_argument("--heldout", default="background", choices=("background", "zsre-tail"),
                    help="background: CounterFact background records (--n, --skip); "
                         "zsre-tail: the zsRE edit records after the 900 a report edits")
+    p.add_argument("--no-same-subject-probes", action="store_true",
+                   help="leave out the same-subject locality probe (on by default: Loc-EM is "
+                        "then the mean of the file's locality probe and this one)")
     args = p.parse_args(argv)
     if args.grid:
         if len(args.methods) != 1:
@@ -118,6 +121,10 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     requests = (heldout_requests(args.n, args.skip) if args.heldout == "background"
                 else zsre_tail_requests())
+    if not args.no_same_subject_probes:
+        from lemoe_easyedit.evaluation.probes import with_same_subject_probes
+
+        requests, _ = with_same_subject_probes(requests)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     from lemoe_easyedit.hparams_files import resolve_relative
@@ -144,6 +151,7 @@ def main(argv=None) -> int:
             em = [s.get(k) for k in ("rel_em", "gen_em", "loc_em")]
             row = {"setting": setting, "rel": s.get("rel"), "gen": s.get("gen"),
                    "loc": s.get("loc"), "rel_em": em[0], "gen_em": em[1], "loc_em": em[2],
+                   "loc_own": _own_locality(s), "loc_same": s.get("loc_em:same_subject"),
                    "rel_wild": s.get("rel_wild"), "gen_wild": s.get("gen_wild"),
                    "avg_em": sum(x or 0 for x in em) / 3, "avg": s.get("avg"),
                    "edit_s": res["timings"].get("edit_s"), "wall_s": time.time() - t0}
@@ -160,9 +168,13 @@ def main(argv=None) -> int:
                  f"{f' --skip {args.skip}' if args.skip else ''}"
                  f"{' --heldout zsre-tail' if args.heldout != 'background' else ''}`: {which}, "
                  "all edited, then all scored; "
-                 "EM = whole-object greedy exact match; wild = the object and then `</s>`.",
-                 "", "| setting | Rel-EM | Gen-EM | Loc-EM | avg EM | Rel | Gen | Loc | "
-                 "Rel-wild | Gen-wild | edit s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+                 "EM = whole-object greedy exact match; wild = the object and then `</s>`; "
+                 "Loc-EM is the mean of the file's locality probe (neighbourhood or NQ, "
+                 "column 'file') and the same-subject probe (column 'same', "
+                 "`lemoe_easyedit.evaluation.probes`) when it is there.",
+                 "", "| setting | Rel-EM | Gen-EM | Loc-EM | file | same | avg EM | Rel | Gen | "
+                 "Loc | Rel-wild | Gen-wild | edit s |",
+                 "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
         def f(x):
             return "" if x is None else f"{x:.3f}"
@@ -170,7 +182,8 @@ def main(argv=None) -> int:
         for r in rows:
             setting = ", ".join(f"{k}={v}" for k, v in r["setting"].items())
             lines.append(f"| {setting} | {f(r['rel_em'])} | {f(r['gen_em'])} | "
-                         f"{f(r['loc_em'])} | {f(r['avg_em'])} | {f(r['rel'])} | "
+                         f"{f(r['loc_em'])} | {f(r['loc_own'])} | {f(r['loc_same'])} | "
+                         f"{f(r['avg_em'])} | {f(r['rel'])} | "
                          f"{f(r['gen'])} | {f(r['loc'])} | {f(r['rel_wild'])} | "
                          f"{f(r['gen_wild'])} | {f(r['edit_s'])} |")
         name = f"realfact-{method}{args.tag}"
@@ -181,6 +194,12 @@ def main(argv=None) -> int:
         (out / f"{name}.json").write_text(json.dumps(rows, indent=1) + "\n")
         print("\n".join(lines))
     return 0
+
+
+def _own_locality(summary: dict):
+    """Loc-EM of the file's own locality probe (the kind that is not same-subject)."""
+    kinds = [k for k in summary if k.startswith("loc_em:") and k != "loc_em:same_subject"]
+    return summary[kinds[0]] if len(kinds) == 1 else summary.get("loc_em")
 
 
 if __name__ == "__main__":

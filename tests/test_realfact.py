@@ -239,7 +239,7 @@ def test_run_accepts_the_model_by_name_and_filters_known_records(tiny_build, tmp
                                                                  monkeypatch):
     """``run`` with the realfact YAML from another working directory: the model given by
     path, the records it knows kept (the one it does not know is left out and recorded),
-    edit targets ending with ``</s>`` and WILD scores reported."""
+    edit targets ending with ``</s>``, WILD scores and the same-subject probe reported."""
     from lemoe_easyedit.evaluation import runner
 
     tmp, _ = tiny_build
@@ -252,7 +252,7 @@ def test_run_accepts_the_model_by_name_and_filters_known_records(tiny_build, tmp
     assert runner.main(["run", "--method", "LEMoE", "--hparams", str(yaml_path),
                         "--model", str(Path(tmp) / "tiny-llama-rf"), "--data", "counterfact",
                         "--data-path", data, "--num-edits", "4", "--threads", "1",
-                        "--no-progress", "--out", str(out)]) == 0
+                        "--same-subject-probes", "--no-progress", "--out", str(out)]) == 0
     res = json.loads((out / "results.json").read_text())
     known = res["data"]["known_filter"]
     assert 999 in known["dropped_case_ids"]
@@ -260,6 +260,9 @@ def test_run_accepts_the_model_by_name_and_filters_known_records(tiny_build, tmp
     assert res["protocol"]["edit_end_token"] == "</s>"
     assert {"rel_wild", "gen_wild", "loc_wild"} <= set(res["summary"])
     assert res["summary"]["rel_em"] >= 0.75
+    # The same-subject probes are built after the known filter and scored as their own kind.
+    assert res["data"]["same_subject_probes"] == {"records_without_one": 0}
+    assert {"loc_em:same_subject", "loc_em:neighborhood"} <= set(res["summary"])
 
 
 def test_default_model_resolves_by_name_from_anywhere(tmp_path, monkeypatch):

@@ -73,6 +73,10 @@ def _data_arguments(p: argparse.ArgumentParser) -> None:
                         "prompt for the model's tokenizer (EasyEdit's ROME/MEMIT index the "
                         "subject's last token wrongly, or past the prompt, otherwise); the "
                         "others are listed in a warning. Same edits for every method")
+    g.add_argument("--same-subject-probes", action="store_true",
+                   help="add a locality probe per record: its subject asked another "
+                        "record's question (loc:same_subject; lemoe_easyedit.evaluation."
+                        "probes), built after the known filter from all usable records")
     g.add_argument("--known", default="auto", choices=("auto", "on", "off"),
                    help="keep only records whose edit prompt, paraphrase and locality "
                         "prompts the unedited model answers by whole-object greedy exact "
@@ -236,6 +240,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     import torch
 
     from . import data as data_mod
+    from .probes import with_same_subject_probes
     from .protocol import run_protocol
     from .report import summary_table
 
@@ -263,6 +268,9 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     misaligned: List[int] = []
     if args.subject_aligned:
         all_requests, misaligned = _subject_aligned(all_requests, hp)
+    probes_missing = None
+    if getattr(args, "same_subject_probes", False):
+        all_requests, probes_missing = with_same_subject_probes(all_requests)
     requests = select_requests(all_requests, args.num_edits, args.offset)
     metric = args.eval_metric
     if metric == "auto":
@@ -283,6 +291,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         data_info["subject_misaligned_dropped"] = misaligned
     if known_info is not None:
         data_info["known_filter"] = known_info
+    if probes_missing is not None:
+        data_info["same_subject_probes"] = {"records_without_one": probes_missing}
     with open(out / "edit.log", "w", encoding="utf-8") as log:
         results = run_protocol(args.method, hp, requests, chunk_size=args.chunk,
                                checkpoint_every=args.checkpoints, eval_metric=metric,
@@ -334,7 +344,8 @@ def _forwarded_flags(args: argparse.Namespace) -> List[str]:
         value = getattr(args, name)
         if value is not None:
             flags += ["--" + name.replace("_", "-"), str(value)]
-    for name in ("no_greedy", "skip_malformed", "subject_aligned", "no_progress"):
+    for name in ("no_greedy", "skip_malformed", "subject_aligned", "same_subject_probes",
+                 "no_progress"):
         if getattr(args, name):
             flags.append("--" + name.replace("_", "-"))
     return flags
