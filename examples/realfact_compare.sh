@@ -8,7 +8,9 @@
 #
 # The runner keeps the records the unedited model knows (prompt, paraphrase and locality
 # prompt answered exactly; --known auto) and edits targets followed by </s> as the model ends
-# its facts (--end-token auto). Every method uses hparams/<METHOD>/realfact-llama.yaml, tuned
+# its facts (--end-token auto); --same-subject-probes adds the hard locality case these files
+# lack, each edited subject asked another record's question (lemoe_easyedit.evaluation.probes).
+# Every method uses hparams/<METHOD>/realfact-llama.yaml, tuned
 # on held-out background records (examples/realfact_tune.py), never on these.
 #   OUT_DIR/counterfact, OUT_DIR/zsre   the final tables (T = N_EDITS in one stream);
 #   OUT_DIR/*-curve                     Rel/Gen/Loc after every CURVE_EVERY edits (LEMoE then
@@ -23,7 +25,7 @@ N="${N_EDITS:-900}"
 read -r -a METHODS <<< "${METHODS:-LEMoE GRACE FT ROME MEMIT}"
 common=(--methods "${METHODS[@]}" --hparams-name realfact-llama --skip-malformed
         --num-edits "$N" --chunk "$N" --stats-dir "${STATS_DIR:-results/stats}"
-        --seed 0 --threads 1 --no-progress)
+        --seed 0 --threads 1 --no-progress --same-subject-probes)
 for set in counterfact zsre; do
   if [[ $set == counterfact ]]; then file="$DATA/counterfact/counterfact-edit-1k.json"
   else file="$DATA/zsre/zsre_mend_train-1k.json"; fi

@@ -244,6 +244,13 @@ def test_run_accepts_the_model_by_name_and_filters_known_records(tiny_build, tmp
 
     tmp, _ = tiny_build
     records = counterfact_records()[:6]
+    # Every other record asked with its paraphrase instead (the model knows both), and no
+    # paraphrase kept: the records then hold two questions and each subject can be asked the
+    # other one (a probe equal to the record's own paraphrase would be passed over).
+    for r in records[1::2]:
+        r["prompt"] = r["rephrase_prompt"]
+    for r in records:
+        r["rephrase_prompt"] = ""
     unknown = dict(records[0], case_id=999, locality_ground_truth="Atlantis")
     data = _write(tmp_path, "edits.json", records + [unknown])
     yaml_path = Path(__file__).resolve().parents[1] / "hparams" / "LEMoE" / "realfact-llama.yaml"
