@@ -78,6 +78,11 @@ class LEMoEHyperParams(HyperParams):
     route_steps: int = 200
     locality_guard: bool = True
     guard_threshold: float = 0.7
+    #: ``router: subject`` only: a position is also served when an earlier position of its
+    #: subject's run passed the guard, so that an answer goes on once its question was
+    #: admitted (the guard compares each answer position with the edit's own answer
+    #: positions, which a paraphrase's context moves away from).
+    guard_carries: bool = False
     #: Subject swaps per edit to fit each anchor's acceptance radius from (``locality``):
     #: with the guard on, a query reaches an expert only inside its nearest anchor's radius.
     #: 0: no radii, the global ``guard_threshold`` alone decides.
@@ -130,6 +135,9 @@ class LEMoEHyperParams(HyperParams):
             _check(_is_int(value) and value >= 1, name, value, "must be an integer >= 1")
         _check(self.router != SUBJECT_ROUTER or self.top_k == 1, "top_k", self.top_k,
                "must be 1 with router 'subject' (one expert per subject)")
+        _check(not self.guard_carries or self.router == SUBJECT_ROUTER, "guard_carries",
+               self.guard_carries, "needs router 'subject' (it carries the guard along a "
+               "subject's run)")
         for name in ("route_steps", "negatives_per_edit", "min_negatives"):
             value = getattr(self, name)
             _check(_is_int(value) and value >= 0, name, value, "must be an integer >= 0")
@@ -146,7 +154,7 @@ class LEMoEHyperParams(HyperParams):
                "radius_margin", self.radius_margin, "must be a number in [0, 1)")
         _check(_is_num(self.guard_threshold) and -1.0 <= self.guard_threshold <= 1.0,
                "guard_threshold", self.guard_threshold, "must be a cosine in [-1, 1]")
-        for name in ("model_parallel", "locality_guard", "order_planning",
+        for name in ("model_parallel", "locality_guard", "guard_carries", "order_planning",
                      "cached_activations"):
             _check(isinstance(getattr(self, name), bool), name, getattr(self, name),
                    "must be true or false")

@@ -219,8 +219,10 @@ class LEMoELayer(nn.Module):
         table = table or self.routing_table()
         if hp.router == SUBJECT_ROUTER:
             subject = self.queries.current_subjects(table.subjects, query.device)
-            return select_subject_routes(subject, query, valid, table,
-                                         guard=hp.locality_guard, threshold=hp.guard_threshold)
+            return select_subject_routes(
+                subject, query, valid, table, guard=hp.locality_guard,
+                threshold=hp.guard_threshold,
+                admit=self.queries.admitted_runs if hp.guard_carries else None)
         return select_routes(query, valid, table, router=hp.router, top_k=hp.top_k,
                              guard=hp.locality_guard, threshold=hp.guard_threshold)
 

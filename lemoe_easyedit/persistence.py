@@ -82,6 +82,9 @@ _POSITIVE_INTS = ("lora_rank", "router_dim", "top_k", "max_length", "max_steps",
 _NON_NEGATIVE_INTS = ("layer", "route_steps")
 _NUMBERS = ("expert_scale", "guard_threshold", "lr", "route_lr", "weight_decay",
             "loss_threshold", "route_loss_weight")
+#: hparams fields added after saves were first written, with the value that serves an older
+#: save as it was saved.
+_ADDED_FIELDS = {"guard_carries": False}
 
 
 class EditsFileError(ValueError):
@@ -551,8 +554,9 @@ def _hparams_from(d: Dict[str, Any], where: str):
         v = d.get(key)
         _need(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
               where, f"hparams.{key}", "must be a finite number")
-    _need(isinstance(d.get("locality_guard"), bool), where, "hparams.locality_guard",
-          "must be true or false")
+    d = {**_ADDED_FIELDS, **d}
+    for key in ("locality_guard", "guard_carries"):
+        _need(isinstance(d.get(key), bool), where, f"hparams.{key}", "must be true or false")
     _need(_is_int(d.get("seed")), where, "hparams.seed", "must be an integer")
     w = d.get("expert_width")
     _need(w is None or (_is_int(w) and w >= 1), where, "hparams.expert_width",

@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .model_families import cached_length
-from .subjects import MAX_SUBJECT_TOKENS, SubjectIndex, carry
+from .subjects import MAX_SUBJECT_TOKENS, SubjectIndex, carry, run_starts
 
 
 class RoutingProjection(nn.Module):
@@ -408,15 +408,20 @@ def _outside(table: RoutingTable, flat: torch.Tensor, idx: torch.Tensor,
 
 def select_subject_routes(subject: torch.Tensor, query: torch.Tensor,
                           valid: Optional[torch.Tensor], table: RoutingTable, *,
-                          guard: bool, threshold: float) -> Routes:
+                          guard: bool, threshold: float,
+                          admit: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+                          ) -> Routes:
     """Routes of the subject router (:mod:`.subjects`).
 
     ``subject`` ``[B, T]``: the key of the edit subject each position falls under (-1:
     none; :meth:`QueryBuilder.current_subjects`). A position goes to the expert holding the
     anchor of that subject nearest to its normalised ``query`` ``[B, T, H]``, so that the
     edits of one subject in several experts each keep their own. No subject, or (with
-    ``guard``) a nearest anchor below the threshold or its radius: no expert. Padding
-    (``valid`` False / 0) goes nowhere.
+    ``guard``) a nearest anchor below the threshold or its radius: no expert. ``admit``
+    (``guard_carries``: :meth:`QueryBuilder.admitted_runs`) turns the positions that pass
+    the guard ``[B, T]`` into those served: then a position is also served when an earlier
+    position of its subject's run passed (an answer goes on once its question was
+    admitted). Padding (``valid`` False / 0) goes nowhere.
     """
     B, T = subject.shape
     if not table.n_anchors:
@@ -429,8 +434,9 @@ def select_subject_routes(subject: torch.Tensor, query: torch.Tensor,
     best_sim, best = sims.masked_fill(~own, float("-inf")).max(1)
     keep = own.any(1)
     if guard:
-        keep &= best_sim >= (table.floor(threshold).index_select(0, best)
-                             if table.has_radius else threshold)
+        passed = keep & (best_sim >= (table.floor(threshold).index_select(0, best)
+                                      if table.has_radius else threshold))
+        keep = passed if admit is None else keep & admit(passed.view(B, T)).reshape(-1)
     if valid is not None:
         keep &= valid.reshape(-1).bool()
     expert = torch.where(keep, table.owner.index_select(0, best), table.no_expert)
@@ -467,6 +473,11 @@ class QueryBuilder:
         self.ids: Optional[torch.Tensor] = None
         self.ids_first = 0
         self.carried: Optional[torch.Tensor] = None
+        #: Where this forward's subject run of each position began (-1: before it), and
+        #: whether the run in progress at the last position was admitted by the guard
+        #: (:meth:`admitted_runs`); both carried like ``carried``.
+        self.run_start: Optional[torch.Tensor] = None
+        self.carried_admitted: Optional[torch.Tensor] = None
         self.query: Optional[torch.Tensor] = None
         #: This forward's padding mask as the model was given it (1: token, 0: padding).
         self.mask: Optional[torch.Tensor] = None
@@ -569,6 +580,7 @@ class QueryBuilder:
             self.ids, self.ids_first = torch.cat([tail.to(ids.device), ids], 1), tail.shape[1]
         else:
             self.ids, self.ids_first, self.carried = ids, 0, None
+            self.carried_admitted = None
 
     def current_subjects(self, subjects: SubjectIndex, device: torch.device) -> torch.Tensor:
         """``[B, T]``: the key of the edit subject each position of this forward falls
@@ -579,10 +591,26 @@ class QueryBuilder:
                                "call the whole model, not the layer alone")
         ids = self.ids if self.ids.device == device else self.ids.to(device)
         carried = self.carried
-        subject = carry(subjects.matches(ids, self.ids_first),
-                        None if carried is None else carried.to(device))
+        found = subjects.matches(ids, self.ids_first)
+        self.run_start = run_starts(found)
+        subject = carry(found, None if carried is None else carried.to(device), self.run_start)
         self.carried = subject[:, -1]
         return subject
+
+    def admitted_runs(self, passed: torch.Tensor) -> torch.Tensor:
+        """``[B, T]``: whether some position of each position's subject run, up to it,
+        ``passed`` ``[B, T]`` the guard (this forward's positions; a run begun in an earlier
+        forward of the sequence counts what it passed there). Call after
+        :meth:`current_subjects` of the same forward."""
+        B, T = passed.shape
+        pos = torch.arange(T, device=passed.device).expand(B, T)
+        passed_at = torch.where(passed, pos, -1).cummax(1).values
+        start = self.run_start.to(passed.device)
+        admitted = (passed_at >= start) & (passed_at >= 0)
+        if self.carried_admitted is not None:
+            admitted |= (start < 0) & self.carried_admitted.to(passed.device).unsqueeze(1)
+        self.carried_admitted = admitted[:, -1]
+        return admitted
 
     def layer_input(self, x: torch.Tensor):
         """``(x as float32 without autograd, this forward's raw padding mask or None)``.

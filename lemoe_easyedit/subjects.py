@@ -195,13 +195,23 @@ class SubjectIndex:
         return found
 
 
-def carry(found: torch.Tensor, carried: Optional[torch.Tensor]) -> torch.Tensor:
-    """``[B, T]``: at each position the subject found last at or before it (``found``
-    ``[B, T]``, -1 none), else ``carried`` ``[B]`` (the subject of the earlier positions
-    of the sequence; None: -1)."""
+def run_starts(found: torch.Tensor) -> torch.Tensor:
+    """``[B, T]``: the position at or before each position where the last subject match of
+    ``found`` ``[B, T]`` (-1: none) ended, -1 where there is none in this forward (the run
+    in progress began in an earlier forward, or no subject yet)."""
     B, T = found.shape
     pos = torch.arange(T, device=found.device).expand(B, T)
-    last = torch.where(found >= 0, pos, -1).cummax(1).values
+    return torch.where(found >= 0, pos, -1).cummax(1).values
+
+
+def carry(found: torch.Tensor, carried: Optional[torch.Tensor],
+          last: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``[B, T]``: at each position the subject found last at or before it (``found``
+    ``[B, T]``, -1 none), else ``carried`` ``[B]`` (the subject of the earlier positions
+    of the sequence; None: -1). ``last``: ``run_starts(found)`` when already computed."""
+    B, T = found.shape
+    if last is None:
+        last = run_starts(found)
     out = found.gather(1, last.clamp_min(0))
     before = torch.full((B, 1), -1, dtype=torch.long, device=found.device) \
         if carried is None else carried.reshape(B, 1)

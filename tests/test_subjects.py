@@ -192,3 +192,73 @@ def test_a_cache_the_routing_did_not_see_is_refused(pool, track):
         queries(model, (), {"input_ids": torch.tensor([[5]]), "cache": Cache(2)})
     with pytest.raises(RuntimeError, match="does not match the KV cache"):   # batch changed
         queries(model, (), {"input_ids": torch.tensor([[5], [6]]), "cache": Cache(4)})
+
+
+def test_the_guard_carries_along_a_subject_run_and_across_cache_steps():
+    """``guard_carries``: a position is served when an earlier position of its subject's
+    run passed the guard; a new subject starts a new run; a KV-cache step continues the
+    run of the last position."""
+    from lemoe_easyedit.routing import QueryBuilder
+
+    class Cache:
+        def __init__(self, n):
+            self.n = n
+
+        def get_seq_length(self):
+            return self.n
+
+    index = SubjectIndex([forms(([5], 1)), forms(([7], 2))], "cpu")
+    queries = QueryBuilder(torch.nn.Embedding(10, 4), "ffn_input", track_ids=True)
+    model = torch.nn.Module()
+    queries(model, (), {"input_ids": torch.tensor([[3, 5, 3, 3, 7, 3]])})
+    assert queries.current_subjects(index, torch.device("cpu")).tolist() == \
+        [[-1, 1, 1, 1, 2, 2]]
+    passed = torch.tensor([[False, False, True, False, False, False]])
+    # Subject 1's run passes at 2 and stays admitted; subject 2's run (from 4) never passed.
+    assert queries.admitted_runs(passed).tolist() == [[False, False, True, True, False, False]]
+    # The next step continues subject 2's run, which passes now and carries on after.
+    queries(model, (), {"input_ids": torch.tensor([[3]]), "cache": Cache(6)})
+    queries.current_subjects(index, torch.device("cpu"))
+    assert queries.admitted_runs(torch.tensor([[True]])).tolist() == [[True]]
+    queries(model, (), {"input_ids": torch.tensor([[3, 5]]), "cache": Cache(7)})
+    assert queries.current_subjects(index, torch.device("cpu")).tolist() == [[2, 1]]
+    # Position 0 is still subject 2's admitted run; subject 1 starts a new run at 1.
+    assert queries.admitted_runs(torch.tensor([[False, False]])).tolist() == [[True, False]]
+    # A new sequence forgets what was admitted.
+    queries(model, (), {"input_ids": torch.tensor([[7, 3]])})
+    queries.current_subjects(index, torch.device("cpu"))
+    assert queries.admitted_runs(torch.tensor([[False, False]])).tolist() == [[False, False]]
+
+
+def test_a_carried_guard_serves_a_cached_generation_as_full_forwards_do(tiny_models):
+    """With ``guard_carries`` the routes of a KV-cached greedy generation equal those of one
+    full forward over the same tokens: the admission carried between steps is the state a
+    full forward computes."""
+    path = tiny_models("llama")
+    model, tok = load(path)
+    reqs = fact_requests(4)
+    hp = subject_hp(path, edits_per_expert=1, locality_guard=True, guard_carries=True,
+                    query_pool="ffn_input", guard_threshold=0.5)
+    apply_lemoe_to_model(model, tok, reqs, hp)
+    layer = find_adaptor(model)
+    steps = []
+    handle = layer.register_forward_hook(
+        lambda m, a, o: steps.append(m.last_routes.expert[0, -1, 0].item()))
+    served = 0
+    try:
+        for r in reqs:
+            enc = tok(r["prompt"], return_tensors="pt")
+            steps.clear()
+            with torch.no_grad():
+                out = model.generate(**enc, max_new_tokens=6, do_sample=False,
+                                     pad_token_id=tok.eos_token_id)
+            cached = steps[:out.shape[1] - enc.input_ids.shape[1]]
+            with torch.no_grad():
+                model(out)
+            n = enc.input_ids.shape[1]
+            full = layer.last_routes.expert[0, n - 1:out.shape[1] - 1, 0].tolist()
+            assert cached == full
+            served += sum(e >= 0 for e in full)
+    finally:
+        handle.remove()
+    assert served > 0, "nothing was served: the test would not see the carried state"

@@ -11,8 +11,10 @@ greedy continuation after the edits must equal the unedited model's (as many tok
 other record's answer has), whatever the model answered before.
 
 The files carry no relation labels, so a few probes ask the edited relation in other words
-(a paraphrase, where a change is right): inspected on the shared files, about one in twenty
-(``examples/results/realfact-same-subject.md``). The figure is a lower bound for that reason.
+(a paraphrase, where a change is right): 1 of 20 inspected zsRE probes, 0 of 20 CounterFact
+ones (``examples/results/realfact-same-subject.md``). The figure is a lower bound for that
+reason. A request that already has a ``same_subject`` probe (the testbed's edit sets) keeps
+it.
 """
 
 from __future__ import annotations
