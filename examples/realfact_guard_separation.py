@@ -43,7 +43,7 @@ def separation(requests: List[dict], pool: str) -> Dict[str, float]:
     from lemoe_easyedit.evaluation import load_hparams
     from lemoe_easyedit.hparams_files import resolve_relative
     from lemoe_easyedit.injection import find_adaptor
-    from lemoe_easyedit.training import EncodedEdit, collate, edit_queries
+    from lemoe_easyedit.training import collate, edit_queries, encode_edits
 
     yaml_path = REPO / "hparams" / "LEMoE" / "realfact-llama.yaml"
     hp = copy.deepcopy(load_hparams("LEMoE", str(yaml_path)))
@@ -54,27 +54,33 @@ def separation(requests: List[dict], pool: str) -> Dict[str, float]:
     model, _ = apply_lemoe_to_model(model, tok, edits, hp)
     layer = find_adaptor(model)
 
-    def nearest(text: str, slot) -> float:
-        ids = tok(text)["input_ids"]
-        batch = collate([EncodedEdit(ids + [tok.eos_token_id], len(ids))],
-                        tok.pad_token_id, "cpu")
-        q = torch.nn.functional.normalize(edit_queries(model, layer, batch)[0, len(ids) - 1]
-                                          .float(), dim=-1)
+    def nearest(prompt: str, target: str, slot) -> torch.Tensor:
+        """Cosine to the slot's nearest anchor at the positions that predict ``target``
+        after ``prompt`` (the first: the asking position)."""
+        e = encode_edits(tok, [{"prompt": prompt, "target_new": target}], hp.max_length)[0]
+        batch = collate([e], tok.pad_token_id, "cpu")
+        q = torch.nn.functional.normalize(edit_queries(model, layer, batch)[0].float(), dim=-1)
         anchors = torch.nn.functional.normalize(slot.anchors.float(), dim=-1)
-        return float((anchors @ q).max())
+        return (q[e.prompt_len - 1:len(e.input_ids) - 1] @ anchors.t()).amax(1)
 
-    pos, neg = [], []
-    by_prompt = {r["prompt"]: r for r in requests}
+    pos, neg, answer_min = [], [], []
+    by_prompt = {r["prompt"]: r for r in edits}
     with torch.no_grad():
         for slot in layer.slots:  # one expert an edit
             r = by_prompt[slot.edits[0]["prompt"]]
-            pos.append(nearest(r["rephrase_prompt"], slot))
+            sims = nearest(r["rephrase_prompt"], r["target_new"], slot)
+            pos.append(float(sims[0]))
+            answer_min.append(float(sims.min()))
             probe = r["locality"].get("same_subject")
             if probe:
-                neg.append(nearest(probe["prompt"], slot))
+                neg.append(float(nearest(probe["prompt"], probe["ground_truth"], slot)[0]))
     pos_t, neg_t = torch.tensor(pos), torch.tensor(neg)
     cut = torch.quantile(neg_t, 0.95)
+    at = hp.guard_threshold
     return {"auc": roc_auc_score([1] * len(pos) + [0] * len(neg), pos + neg),
+            "asking_admitted": float((pos_t >= at).float().mean()),
+            "answer_admitted": float((torch.tensor(answer_min) >= at).float().mean()),
+            "probes_admitted": float((neg_t >= at).float().mean()), "threshold": at,
             "admitted": float((pos_t > cut).float().mean()), "cut": float(cut),
             "pos_median": float(pos_t.median()), "neg_median": float(neg_t.median()),
             "n_pos": len(pos), "n_neg": len(neg)}
@@ -98,15 +104,21 @@ def main(argv=None) -> int:
              "for each `query_pool`; per edit, the cosine of the last position's query to the "
              "nearest anchor of the edit's expert (what the guard compares with "
              "`guard_threshold`) for its paraphrase and for its same-subject probe. "
-             "'admitted': paraphrases above the 95th percentile of the probes.", "",
+             "'admitted': paraphrases above the 95th percentile of the probes. At the YAML's "
+             "`guard_threshold` (t): the share of paraphrases admitted at the asking position, "
+             "at every position of the (teacher-forced) answer, and of probes admitted at the "
+             "asking position.", "",
              "| records | query_pool | AUC | admitted at 5% of probes | cut | median paraphrase "
-             "| median probe | n |", "|---|---|---|---|---|---|---|---|"]
+             "| median probe | t | paraphrase asking >= t | whole answer >= t | probe >= t | n |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, requests in sets.items():
         requests, _ = with_same_subject_probes(requests)
         for pool in POOLS:
             s = separation(requests, pool)
             lines.append(f"| {name} | {pool} | {s['auc']:.3f} | {s['admitted']:.3f} | "
                          f"{s['cut']:.3f} | {s['pos_median']:.3f} | {s['neg_median']:.3f} | "
+                         f"{s['threshold']} | {s['asking_admitted']:.3f} | "
+                         f"{s['answer_admitted']:.3f} | {s['probes_admitted']:.3f} | "
                          f"{s['n_pos']} / {s['n_neg']} |")
             print(lines[-1], flush=True)
     out = Path(args.out)
