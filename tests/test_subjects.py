@@ -262,3 +262,25 @@ def test_a_carried_guard_serves_a_cached_generation_as_full_forwards_do(tiny_mod
     finally:
         handle.remove()
     assert served > 0, "nothing was served: the test would not see the carried state"
+
+
+def test_guard_carries_is_checked_and_older_saves_load_without_it(tiny_models, tmp_path):
+    import json
+
+    path = tiny_models("llama")
+    with pytest.raises(ValueError, match="guard_carries.*router 'subject'"):
+        subject_hp(path, router="anchor", guard_carries=True)
+    with pytest.raises(ValueError, match="guard_carries"):
+        subject_hp(path, guard_carries="yes")
+    model, tok = load(path)
+    apply_lemoe_to_model(model, tok, fact_requests(2),
+                         subject_hp(path, locality_guard=True, guard_carries=True))
+    save_edits(model, tmp_path / "edits")
+    manifest = tmp_path / "edits" / "manifest.json"
+    data = json.loads(manifest.read_text())
+    assert data["hparams"]["guard_carries"] is True
+    del data["hparams"]["guard_carries"]  # a save written before the field existed
+    manifest.write_text(json.dumps(data))
+    fresh, _ = load(path)
+    load_edits(fresh, tmp_path / "edits")
+    assert find_adaptor(fresh).hparams.guard_carries is False
