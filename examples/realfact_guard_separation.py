@@ -19,7 +19,6 @@ Writes ``realfact-guard-separation.md`` there.
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 from pathlib import Path
 from typing import Dict, List
@@ -38,16 +37,14 @@ def separation(requests: List[dict], pool: str) -> Dict[str, float]:
     cosine for paraphrases against same-subject probes."""
     from sklearn.metrics import roc_auc_score
 
+    from realfact_tune import yaml_hparams
+
     from lemoe_easyedit import realfact
     from lemoe_easyedit.editing import apply_lemoe_to_model
-    from lemoe_easyedit.evaluation import load_hparams
-    from lemoe_easyedit.hparams_files import resolve_relative
     from lemoe_easyedit.injection import find_adaptor
     from lemoe_easyedit.training import collate, edit_queries, encode_edits
 
-    yaml_path = REPO / "hparams" / "LEMoE" / "realfact-llama.yaml"
-    hp = copy.deepcopy(load_hparams("LEMoE", str(yaml_path)))
-    hp.model_name = resolve_relative(hp.model_name, yaml_path)
+    hp = yaml_hparams("LEMoE")
     hp.query_pool = pool
     model, tok = realfact.load_realfact(Path(hp.model_name))
     edits = [dict(r, target_new=r["target_new"] + tok.eos_token) for r in requests]

@@ -94,9 +94,24 @@ def _known(path: Path, requests: List[dict], what: str) -> List[dict]:
     return kept
 
 
+def yaml_hparams(method: str):
+    """``hparams/<method>/realfact-llama.yaml`` loaded, its relative paths resolved."""
+    from lemoe_easyedit.evaluation import load_hparams
+    from lemoe_easyedit.hparams_files import resolve_relative
+
+    yaml_path = REPO / "hparams" / method / "realfact-llama.yaml"
+    hp = load_hparams(method, str(yaml_path))
+    hp.model_name = resolve_relative(hp.model_name, yaml_path)
+    if hasattr(hp, "mom2_dataset"):
+        hp.mom2_dataset = resolve_relative(hp.mom2_dataset, yaml_path)
+    if hasattr(hp, "stats_dir"):
+        hp.stats_dir = str(Path(hp.stats_dir).expanduser())
+    return hp
+
+
 def main(argv=None) -> int:
     """Sweep the grids; print and write one table per method."""
-    from lemoe_easyedit.evaluation import load_hparams, run_protocol
+    from lemoe_easyedit.evaluation import run_protocol
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--methods", nargs="+", default=list(GRIDS))
@@ -127,16 +142,8 @@ def main(argv=None) -> int:
         requests, _ = with_same_subject_probes(requests)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    from lemoe_easyedit.hparams_files import resolve_relative
-
     for method in args.methods:
-        yaml_path = REPO / "hparams" / method / "realfact-llama.yaml"
-        base = load_hparams(method, str(yaml_path))
-        base.model_name = resolve_relative(base.model_name, yaml_path)
-        if hasattr(base, "mom2_dataset"):
-            base.mom2_dataset = resolve_relative(base.mom2_dataset, yaml_path)
-        if hasattr(base, "stats_dir"):
-            base.stats_dir = str(Path(base.stats_dir).expanduser())
+        base = yaml_hparams(method)
         grid = GRIDS[method]
         rows = []
         for values in itertools.product(*grid.values()):
@@ -198,8 +205,11 @@ def main(argv=None) -> int:
 
 def _own_locality(summary: dict):
     """Loc-EM of the file's own locality probe (the kind that is not same-subject)."""
-    kinds = [k for k in summary if k.startswith("loc_em:") and k != "loc_em:same_subject"]
-    return summary[kinds[0]] if len(kinds) == 1 else summary.get("loc_em")
+    from lemoe_easyedit.evaluation import locality_kinds
+    from lemoe_easyedit.evaluation.probes import SAME_SUBJECT
+
+    kinds = [k for k in locality_kinds([summary]) if k != SAME_SUBJECT]
+    return summary.get(f"loc_em:{kinds[0]}") if len(kinds) == 1 else summary.get("loc_em")
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .model_families import cached_length
-from .subjects import MAX_SUBJECT_TOKENS, SubjectIndex, carry, run_starts
+from .subjects import MAX_SUBJECT_TOKENS, SubjectIndex, carry, last_true, run_starts
 
 
 class RoutingProjection(nn.Module):
@@ -602,9 +602,7 @@ class QueryBuilder:
         ``passed`` ``[B, T]`` the guard (this forward's positions; a run begun in an earlier
         forward of the sequence counts what it passed there). Call after
         :meth:`current_subjects` of the same forward."""
-        B, T = passed.shape
-        pos = torch.arange(T, device=passed.device).expand(B, T)
-        passed_at = torch.where(passed, pos, -1).cummax(1).values
+        passed_at = last_true(passed)
         start = self.run_start.to(passed.device)
         admitted = (passed_at >= start) & (passed_at >= 0)
         if self.carried_admitted is not None:

@@ -195,13 +195,19 @@ class SubjectIndex:
         return found
 
 
+def last_true(mask: torch.Tensor) -> torch.Tensor:
+    """``[B, T]``: the last position at or before each position where ``mask`` ``[B, T]`` is
+    true, -1 where there is none."""
+    B, T = mask.shape
+    pos = torch.arange(T, device=mask.device).expand(B, T)
+    return torch.where(mask, pos, -1).cummax(1).values
+
+
 def run_starts(found: torch.Tensor) -> torch.Tensor:
     """``[B, T]``: the position at or before each position where the last subject match of
     ``found`` ``[B, T]`` (-1: none) ended, -1 where there is none in this forward (the run
     in progress began in an earlier forward, or no subject yet)."""
-    B, T = found.shape
-    pos = torch.arange(T, device=found.device).expand(B, T)
-    return torch.where(found >= 0, pos, -1).cummax(1).values
+    return last_true(found >= 0)
 
 
 def carry(found: torch.Tensor, carried: Optional[torch.Tensor],

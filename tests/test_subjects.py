@@ -24,6 +24,16 @@ def subject_hp(path, **kw):
     return dataclasses.replace(hp, model_name=str(path), **kw)
 
 
+class Cache:
+    """A KV cache as the routing reads it: only its length."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def get_seq_length(self):
+        return self.n
+
+
 def forms(*rows_and_keys):
     """``(rows, keys)`` of a slot from ``(form, key)`` pairs."""
     width = max(len(f) for f, _ in rows_and_keys)
@@ -177,13 +187,6 @@ def test_a_cache_the_routing_did_not_see_is_refused(pool, track):
     holds exactly the positions the routing saw (beam search reorders it)."""
     from lemoe_easyedit.routing import QueryBuilder
 
-    class Cache:
-        def __init__(self, n):
-            self.n = n
-
-        def get_seq_length(self):
-            return self.n
-
     queries = QueryBuilder(torch.nn.Embedding(10, 4), pool, track_ids=track)
     model = torch.nn.Module()
     queries(model, (), {"input_ids": torch.tensor([[1, 2, 3]])})
@@ -199,13 +202,6 @@ def test_the_guard_carries_along_a_subject_run_and_across_cache_steps():
     run passed the guard; a new subject starts a new run; a KV-cache step continues the
     run of the last position."""
     from lemoe_easyedit.routing import QueryBuilder
-
-    class Cache:
-        def __init__(self, n):
-            self.n = n
-
-        def get_seq_length(self):
-            return self.n
 
     index = SubjectIndex([forms(([5], 1)), forms(([7], 2))], "cpu")
     queries = QueryBuilder(torch.nn.Embedding(10, 4), "ffn_input", track_ids=True)
