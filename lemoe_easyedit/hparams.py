@@ -103,6 +103,13 @@ class LEMoEHyperParams(HyperParams):
     weight_decay: float = 0.0
     max_steps: int = 200
     loss_threshold: float = 0.01
+    #: Per edit, this many copies of its prompt with each token other than the first, the
+    #: subject's and the last dropped with probability ``prompt_dropout`` train beside it
+    #: (same target, answer routed as the edit's): a paraphrase moves the states the expert
+    #: reads at the answer positions, and an expert fitted to one prompt's states alone
+    #: garbles multi-token objects there. 0: the prompt alone (the paper).
+    prompt_variants: int = 0
+    prompt_dropout: float = 0.5
     train_batch_size: int = 16
     seed: int = 0
     #: Train each new expert from activations cached once per minibatch, running only the
@@ -138,7 +145,7 @@ class LEMoEHyperParams(HyperParams):
         _check(not self.guard_carries or self.router == SUBJECT_ROUTER, "guard_carries",
                self.guard_carries, "needs router 'subject' (it carries the guard along a "
                "subject's run)")
-        for name in ("route_steps", "negatives_per_edit", "min_negatives"):
+        for name in ("route_steps", "negatives_per_edit", "min_negatives", "prompt_variants"):
             value = getattr(self, name)
             _check(_is_int(value) and value >= 0, name, value, "must be an integer >= 0")
         _check(self.max_experts is None or (_is_int(self.max_experts) and self.max_experts >= 1),
@@ -152,6 +159,8 @@ class LEMoEHyperParams(HyperParams):
         _check(_is_num(self.expert_scale), "expert_scale", self.expert_scale, "must be a number")
         _check(_is_num(self.radius_margin) and 0.0 <= self.radius_margin < 1.0,
                "radius_margin", self.radius_margin, "must be a number in [0, 1)")
+        _check(_is_num(self.prompt_dropout) and 0.0 <= self.prompt_dropout < 1.0,
+               "prompt_dropout", self.prompt_dropout, "must be a number in [0, 1)")
         _check(_is_num(self.guard_threshold) and -1.0 <= self.guard_threshold <= 1.0,
                "guard_threshold", self.guard_threshold, "must be a cosine in [-1, 1]")
         for name in ("model_parallel", "locality_guard", "guard_carries", "order_planning",
@@ -194,7 +203,7 @@ class LEMoEHyperParams(HyperParams):
         if "model_name" not in config:
             raise ValueError(f"{source}: missing required key 'model_name'")
         for key in ("lr", "route_lr", "weight_decay", "loss_threshold", "guard_threshold",
-                    "radius_margin"):
+                    "radius_margin", "prompt_dropout"):
             # YAML reads "2e-4" as a string; EasyEdit converts scientific notation the same way.
             if isinstance(config.get(key), str):
                 try:

@@ -84,7 +84,7 @@ _NUMBERS = ("expert_scale", "guard_threshold", "lr", "route_lr", "weight_decay",
             "loss_threshold", "route_loss_weight")
 #: hparams fields added after saves were first written, with the value that serves an older
 #: save as it was saved.
-_ADDED_FIELDS = {"guard_carries": False}
+_ADDED_FIELDS = {"guard_carries": False, "prompt_variants": 0, "prompt_dropout": 0.5}
 
 
 class EditsFileError(ValueError):

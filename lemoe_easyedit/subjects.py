@@ -99,6 +99,25 @@ def _in_prompt(tok, prompt: str, subject: str) -> List[int]:
     return _covering(enc["input_ids"], enc["offset_mapping"], start, start + len(subject))
 
 
+def subject_positions(tok, request: Dict, ids: Sequence[int]) -> range:
+    """The positions in ``ids`` of the last occurrence of any token form of
+    ``request["subject"]`` (:func:`subject_token_forms`); empty when the request has no
+    subject or none of its forms is there."""
+    subject = request.get("subject")
+    if not isinstance(subject, str) or not subject.strip():
+        return range(0)
+    ids = list(ids)
+    best = range(0)
+    for form in subject_token_forms(tok, request):
+        n = len(form)
+        for start in range(len(ids) - n, best.start - 1, -1):
+            if ids[start:start + n] == form:
+                if start > best.start or (start == best.start and n > len(best)):
+                    best = range(start, start + n)
+                break
+    return best
+
+
 def subject_key(subject: str) -> int:
     """A non-negative int64 naming ``subject``, the same in every process (Python's own
     ``hash`` of a string is salted per process, and keys are saved with the edits)."""

@@ -18,7 +18,7 @@ import contextlib
 import math
 from collections import Counter
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Callable, Collection, Dict, Iterator, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -29,6 +29,7 @@ from .activation_cache import UpperStack
 from .layer import LEMoELayer
 from .locality import NO_RADIUS, NegativePool, fit_radii, subject_ids, subject_swaps
 from .routing import LAYER_INPUT_POOL, SUBJECT_ROUTER, Routes, note_slot_change
+from .subjects import subject_positions
 
 
 @dataclass
@@ -76,6 +77,9 @@ class EditBatch:
     attention_mask: torch.Tensor  # [B, L]
     labels: torch.Tensor          # [B, L], -100 outside the targets
     anchor_mask: torch.Tensor     # [B, L], positions that predict a target token
+    #: [B]: the row of the edit each row is a prompt variant of (its own for an edit);
+    #: None: every row is an edit.
+    origin: Optional[torch.Tensor] = None
 
 
 def collate(edits: Sequence[EncodedEdit], pad_id: int, device) -> EditBatch:
@@ -401,6 +405,50 @@ def _fresh_anchors(older: torch.Tensor, new: torch.Tensor, tol: float = 1e-5) ->
     return older[~same]
 
 
+def prompt_variants(edit: EncodedEdit, keep: Collection[int], n: int, dropout: float,
+                    gen: torch.Generator) -> List[EncodedEdit]:
+    """``n`` copies of ``edit`` whose prompt tokens outside the positions ``keep`` are each
+    dropped with probability ``dropout`` (drawn from ``gen``); the target stays whole."""
+    prompt, target = edit.input_ids[:edit.prompt_len], edit.input_ids[edit.prompt_len:]
+    out = []
+    for _ in range(n):
+        drop = (torch.rand(len(prompt), generator=gen) < dropout).tolist()
+        kept = [t for i, t in enumerate(prompt) if i in keep or not drop[i]]
+        out.append(EncodedEdit(kept + target, len(kept)))
+    return out
+
+
+def training_batches(edits: Sequence[EncodedEdit], records: Sequence[Dict], tok, hp,
+                     gen: torch.Generator, device) -> List[EditBatch]:
+    """The fixed minibatches of an expert's fit (:func:`fixed_minibatches` of
+    ``train_batch_size`` edits), each edit followed by its ``hp.prompt_variants`` prompt
+    variants: the first token, the subject's (``records[i]["subject"]``, where the prompt
+    names it) and the asking position are kept, every other prompt token dropped with
+    probability ``hp.prompt_dropout``. Without a record per edit (a slot trained directly
+    from encoded edits) no subject is kept."""
+    pad = _pad_id(tok)
+    if len(records) != len(edits):
+        records = [{}] * len(edits)
+    groups = fixed_minibatches(len(edits), min(hp.train_batch_size, len(edits)), gen)
+    if not hp.prompt_variants:
+        return [collate([edits[i] for i in group], pad, device) for group in groups]
+    batches = []
+    for group in groups:
+        rows: List[EncodedEdit] = []
+        origin: List[int] = []
+        for i in group:
+            e = edits[i]
+            keep = {0, e.prompt_len - 1,
+                    *subject_positions(tok, records[i], e.input_ids[:e.prompt_len])}
+            first = len(rows)
+            rows += [e] + prompt_variants(e, keep, hp.prompt_variants, hp.prompt_dropout, gen)
+            origin += [first] * (len(rows) - first)
+        batch = collate(rows, pad, device)
+        batch.origin = torch.tensor(origin, device=device)
+        batches.append(batch)
+    return batches
+
+
 def fixed_minibatches(n: int, batch_size: int, gen: torch.Generator) -> List[List[int]]:
     """Indices ``0..n-1`` shuffled once with ``gen`` and cut into minibatches.
 
@@ -411,10 +459,20 @@ def fixed_minibatches(n: int, batch_size: int, gen: torch.Generator) -> List[Lis
 
 
 def batch_routes(model: nn.Module, layer: LEMoELayer, batch: EditBatch) -> Routes:
-    """The routing of every position of ``batch``, as the layer decides it in a forward."""
+    """The routing of every position of ``batch``, as the layer decides it in a forward;
+    a prompt variant's answer positions (``batch.origin``) take its edit's answer routes,
+    as a paraphrase's answer would be served once admitted."""
     with torch.no_grad():
         q = edit_queries(model, layer, batch)
-        return layer.route(q, layer.queries.valid)
+        routes = layer.route(q, layer.queries.valid)
+    if batch.origin is None:
+        return routes
+    expert, gate = routes.expert.clone(), routes.gate.clone()
+    for row, edit in enumerate(batch.origin.tolist()):
+        if row != edit:
+            expert[row][batch.anchor_mask[row]] = expert[edit][batch.anchor_mask[edit]]
+            gate[row][batch.anchor_mask[row]] = gate[edit][batch.anchor_mask[edit]]
+    return Routes(expert, gate)
 
 
 def _fit_expert(model, layer: LEMoELayer, slot_index: int, edits, tok, hp, progress: bool,
@@ -455,12 +513,9 @@ def _fit_expert_params(model, layer: LEMoELayer, slot_index: int, edits, tok, hp
                        progress: bool, trace: Optional[List[float]],
                        params: List[nn.Parameter]) -> Dict:
     opt = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
-    device = params[0].device
-    bs = min(hp.train_batch_size, len(edits))
     gen = torch.Generator().manual_seed(hp.seed)
-    pad = _pad_id(tok)
-    batches = [collate([edits[i] for i in group], pad, device)
-               for group in fixed_minibatches(len(edits), bs, gen)]
+    batches = training_batches(edits, layer.slots[slot_index].edits, tok, hp, gen,
+                               params[0].device)
     step_loss = (_cached_losses if hp.cached_activations else _full_losses)(
         model, layer, slot_index, batches, hp)
     steps, losses = 0, [math.inf]
@@ -497,11 +552,19 @@ def _fit_expert_params(model, layer: LEMoELayer, slot_index: int, edits, tok, hp
 
 
 def _full_losses(model, layer, slot_index, batches, hp) -> Callable[[int], torch.Tensor]:
-    """Each step: a full forward of the whole model (routing recomputed by the layer)."""
+    """Each step: a full forward of the whole model, routed as :func:`batch_routes` decided
+    once per minibatch (nothing the new expert changes feeds the routing)."""
+    routes = [batch_routes(model, layer, b) for b in batches]
+
     def step_loss(k: int) -> torch.Tensor:
         b = batches[k]
-        logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask,
-                       use_cache=False).logits
+        previous = layer.forced_routes
+        layer.forced_routes = routes[k]
+        try:
+            logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask,
+                           use_cache=False).logits
+        finally:
+            layer.forced_routes = previous
         return _target_loss(logits, b.labels)
     return step_loss
 

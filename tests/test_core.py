@@ -67,6 +67,8 @@ def test_paper_yaml_keeps_paper_values():
     ("edits_per_expert", 0, "'edits_per_expert'"),
     ("layer", -1, "'layer'"),
     ("locality_guard", "yes", "'locality_guard'"),
+    ("prompt_variants", -1, "'prompt_variants'"),
+    ("prompt_dropout", 1.0, "'prompt_dropout'"),
 ])
 def test_bad_values_name_the_key(tmp_path, key, value, needle):
     cfg = {"alg_name": "LEMoE", "model_name": "x", key: value}

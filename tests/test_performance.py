@@ -37,6 +37,7 @@ def train_two_experts(path, hp, tok, requests):
     trace = []
     for i in range(2):
         slot = layer.new_slot(seed=hp.seed + i)
+        slot.edits = requests[10 * i:10 * (i + 1)]  # the records (subjects) of its edits
         edits = encode_edits(tok, requests[10 * i:10 * (i + 1)], hp.max_length)
         train_slot(model, layer, i, edits, tok, hp, progress=False, trace=trace)
         slot.freeze()
@@ -45,19 +46,23 @@ def train_two_experts(path, hp, tok, requests):
 
 # -- cached-activation training ---------------------------------------------------------
 
-@pytest.mark.parametrize("family,layer,top_k,router", [
-    ("llama", 2, 1, "learned"),
-    ("gpt2", 1, 1, "learned"),
-    ("llama", 3, 2, "learned"),   # the adaptor in the last block; top-2 gates
-    ("gpt2", 3, 1, "anchor"),     # last block, anchor router
+@pytest.mark.parametrize("family,layer,top_k,router,variants", [
+    ("llama", 2, 1, "learned", 0),
+    ("gpt2", 1, 1, "learned", 0),
+    ("llama", 3, 2, "learned", 0),   # the adaptor in the last block; top-2 gates
+    ("gpt2", 3, 1, "anchor", 0),     # last block, anchor router
+    ("llama", 1, 1, "subject", 2),   # prompt variants, routed as their edits' answers
+    ("gpt2", 2, 2, "learned", 2),
 ])
-def test_cached_and_full_forward_training_agree(tiny_models, family, layer, top_k, router):
+def test_cached_and_full_forward_training_agree(tiny_models, family, layer, top_k, router,
+                                                variants):
     path = tiny_models(family)
     tok = AutoTokenizer.from_pretrained(path)
     requests = fact_requests(20)
     # Several minibatches per expert, and no early stop: every step is compared.
     base = hp_for(family, path, layer=layer, top_k=top_k, router=router, max_steps=24,
-                  train_batch_size=4, loss_threshold=0.0, locality_guard=top_k == 1)
+                  train_batch_size=4, loss_threshold=0.0, locality_guard=top_k == 1,
+                  prompt_variants=variants)
     runs = {}
     for cached in (True, False):
         hp = dataclasses.replace(base, cached_activations=cached)
