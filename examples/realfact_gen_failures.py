@@ -7,8 +7,11 @@ whole new object, follows the paraphrase and the new object through the edited m
 
 * ``unrouted: subject not in paraphrase`` / ``unrouted: guard`` / ``unrouted: other``: no
   answer position reached an expert;
-* ``partly routed``: some answer positions reached the edit's expert, others none (the guard
-  at the asking position, or another edited subject named inside the answer);
+* ``asking position not admitted``: the guard kept the position that asks for the object
+  from the expert, a later one reached it;
+* ``answer leaves the expert midway``: the answer began at the edit's expert and later
+  positions reached none (with ``guard_carries``: the answer names another edited subject,
+  "Belarus" in "Belarusian First League", which starts a run of its own);
 * ``wrong expert``: an answer position reached another edit's expert;
 * ``expert's answer wrong``: every answer position reached the edit's expert, and the
   expert still did not give the object.
@@ -112,8 +115,10 @@ def failures(data: str, start: int, n: int, overrides: Dict) -> tuple:
                     if r["subject"] not in r["rephrase_prompt"] else "unrouted: guard")
         elif any(x not in (own, -1) for x in routes):
             kind = "wrong expert"
+        elif routes[0] == -1:
+            kind = "asking position not admitted"
         elif -1 in routes:
-            kind = "partly routed"
+            kind = "answer leaves the expert midway"
         else:
             kind = "expert's answer wrong"
         counts[kind] += 1

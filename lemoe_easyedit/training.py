@@ -3,7 +3,9 @@
 Phase 1 (``router="learned"`` only) fits the slot's routing projection and key so that the
 batch's own anchor queries choose the new expert while every earlier batch's anchors keep
 choosing theirs. Phase 2 fits the expert with the next-token loss on the target tokens
-(teacher forcing), routing every position exactly as inference will. Nothing else trains.
+(teacher forcing), routing every position exactly as inference will; with
+``prompt_variants``, each edit's prompt variants (tokens dropped around the subject) train
+beside it, their answers routed as the edit's. Nothing else trains.
 
 Phase 2 splits the edits into minibatches once (shuffled with ``hparams.seed``); each epoch
 only visits them in a new order. With ``cached_activations`` (the default) every minibatch
