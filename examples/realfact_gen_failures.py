@@ -5,8 +5,9 @@ Edits a slice of known records (zsRE or CounterFact) with ``hparams/LEMoE/realfa
 whole new object, follows the paraphrase and the new object through the edited model
 (teacher-forced) and names what went wrong:
 
-* ``unrouted: subject not in paraphrase`` / ``unrouted: guard`` / ``unrouted: other``: no
-  answer position reached an expert;
+* ``unrouted: subject not in paraphrase`` / ``unrouted: guard``: no answer position reached
+  an expert (the paraphrase does not name the subject as the edit does / it does: the
+  guard, or a spelling of the subject that no stored token form matches);
 * ``asking position not admitted``: the guard kept the position that asks for the object
   from the expert, a later one reached it;
 * ``answer leaves the expert midway``: the answer began at the edit's expert and later
