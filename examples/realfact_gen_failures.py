@@ -67,6 +67,7 @@ def failures(data: str, start: int, n: int, overrides: Dict) -> tuple:
     from lemoe_easyedit import realfact
     from lemoe_easyedit.editing import apply_lemoe_to_model
     from lemoe_easyedit.evaluation.data import load_counterfact, load_zsre
+    from lemoe_easyedit.evaluation.scoring import greedy_generate, target_token_ids
     from lemoe_easyedit.injection import find_adaptor
     from lemoe_easyedit.training import collate, encode_edits
 
@@ -87,12 +88,6 @@ def failures(data: str, start: int, n: int, overrides: Dict) -> tuple:
     layer = find_adaptor(model)
     slot_of = {s.edits[0]["prompt"]: i for i, s in enumerate(layer.slots)}
 
-    def greedy(m, prompt: str, steps: int) -> str:
-        ids = tok(prompt, return_tensors="pt")
-        out = m.generate(**ids, max_new_tokens=steps, do_sample=False,
-                         pad_token_id=tok.pad_token_id)
-        return tok.decode(out[0, ids["input_ids"].shape[1]:])
-
     def answer_routes(prompt: str, target: str) -> List[int]:
         e = encode_edits(tok, [{"prompt": prompt, "target_new": target}], hp.max_length)[0]
         batch = collate([e], tok.pad_token_id, "cpu")
@@ -100,13 +95,17 @@ def failures(data: str, start: int, n: int, overrides: Dict) -> tuple:
             model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
         return layer.last_routes.expert[0, e.prompt_len - 1:len(e.input_ids) - 1, 0].tolist()
 
+    # Gen-EM exactly as the runner scores it: the object's tokens, greedily, after the
+    # paraphrase (one more token is generated: the end token, shown in "generated").
+    objects = [r["target_new"][:-len(eos)] for r in edits]
+    paraphrases = [r["rephrase_prompt"] for r in edits]
+    wanted = [target_token_ids(tok, p, o)[1] for p, o in zip(paraphrases, objects)]
+    steps = [len(w) + 1 for w in wanted]
+    generated = greedy_generate(model, tok, paraphrases, steps)
     counts: collections.Counter = collections.Counter()
-    rows = []
-    for r in edits:
-        obj = r["target_new"][:-len(eos)]
-        steps = len(tok(" " + r["target_new"], add_special_tokens=False)["input_ids"])
-        got = greedy(model, r["rephrase_prompt"], steps)
-        if got.strip().startswith(obj.strip()):
+    failed = []
+    for r, obj, want, got in zip(edits, objects, wanted, generated):
+        if got[:len(want)] == want:
             counts["ok"] += 1
             continue
         own = slot_of[r["prompt"]]
@@ -123,10 +122,13 @@ def failures(data: str, start: int, n: int, overrides: Dict) -> tuple:
         else:
             kind = "expert's answer wrong"
         counts[kind] += 1
-        rows.append({"kind": kind, "prompt": r["prompt"], "paraphrase": r["rephrase_prompt"],
-                     "subject": r["subject"], "object": obj, "generated": got,
-                     "unedited": greedy(unedited, r["rephrase_prompt"], steps),
-                     "answer_routes": routes, "expert": own})
+        failed.append((r, obj, got, kind, routes, own))
+    before = greedy_generate(unedited, tok, [r["rephrase_prompt"] for r, *_ in failed],
+                             [len(got) for _, _, got, *_ in failed])
+    rows = [{"kind": kind, "prompt": r["prompt"], "paraphrase": r["rephrase_prompt"],
+             "subject": r["subject"], "object": obj, "generated": tok.decode(got),
+             "unedited": tok.decode(pre), "answer_routes": routes, "expert": own}
+            for (r, obj, got, kind, routes, own), pre in zip(failed, before)]
     return counts, rows
 
 

@@ -114,13 +114,11 @@ class UpperStack:
                    self.block.register_forward_hook(grab_out)]
         handles += [b.register_forward_pre_hook(grab_call(i), with_kwargs=True)
                     for i, b in enumerate(self.upper)]
-        previous = layer.forced_routes
-        layer.forced_routes = without_slot(routes, slot_index)
         try:
-            self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                       use_cache=False)
+            with layer.routes_forced(without_slot(routes, slot_index)):
+                self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                           use_cache=False)
         finally:
-            layer.forced_routes = previous
             for h in handles:
                 h.remove()
         if "x" not in got or "h" not in got or any(c is None for c in calls):

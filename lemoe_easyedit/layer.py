@@ -7,7 +7,9 @@ Slots of finished batches are frozen: their tensors never receive gradients agai
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+import contextlib
+
+from typing import Any, Dict, Iterator, List, Optional
 
 import torch
 import torch.nn as nn
@@ -157,6 +159,17 @@ class LEMoELayer(nn.Module):
         state.pop("_routing_table", None)
         state.pop("_negative_cache", None)  # only saves work; rebuilt when needed
         return state
+
+    @contextlib.contextmanager
+    def routes_forced(self, routes: Routes) -> Iterator[None]:
+        """Every forward inside routes its positions as ``routes`` says (training: the
+        routing decided once per minibatch), and the routing in force before afterwards."""
+        previous = self.forced_routes
+        self.forced_routes = routes
+        try:
+            yield
+        finally:
+            self.forced_routes = previous
 
     @property
     def last_routes(self) -> Optional[Routes]:

@@ -107,15 +107,13 @@ def subject_positions(tok, request: Dict, ids: Sequence[int]) -> range:
     if not isinstance(subject, str) or not subject.strip():
         return range(0)
     ids = list(ids)
-    best = range(0)
-    for form in subject_token_forms(tok, request):
-        n = len(form)
-        for start in range(len(ids) - n, best.start - 1, -1):
-            if ids[start:start + n] == form:
-                if start > best.start or (start == best.start and n > len(best)):
-                    best = range(start, start + n)
-                break
-    return best
+    found = [(start, len(form)) for form in subject_token_forms(tok, request)
+             for start in range(len(ids) - len(form), -1, -1)
+             if ids[start:start + len(form)] == form]
+    if not found:
+        return range(0)
+    start, n = max(found)  # the last occurrence; of two forms starting there, the longer
+    return range(start, start + n)
 
 
 def subject_key(subject: str) -> int:

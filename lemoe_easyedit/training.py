@@ -560,13 +560,9 @@ def _full_losses(model, layer, slot_index, batches, hp) -> Callable[[int], torch
 
     def step_loss(k: int) -> torch.Tensor:
         b = batches[k]
-        previous = layer.forced_routes
-        layer.forced_routes = routes[k]
-        try:
+        with layer.routes_forced(routes[k]):
             logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask,
                            use_cache=False).logits
-        finally:
-            layer.forced_routes = previous
         return _target_loss(logits, b.labels)
     return step_loss
 
