@@ -94,7 +94,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     sets = {"CounterFact background": realfact_tune.heldout_requests(args.n),
-            "zsRE tail": realfact_tune.zsre_tail_requests()}
+            "zsRE tail": realfact_tune.tail_requests("zsre")}
     lines = ["# Paraphrase against the same subject asked something else, by query",
              "", "`python examples/realfact_guard_separation.py`: held-out records (never "
              "reported) edited with `hparams/LEMoE/realfact-llama.yaml`, one expert an edit, "

@@ -69,18 +69,23 @@ def heldout_requests(n: int, skip: int = 0, model_dir=None) -> List[dict]:
     return kept
 
 
-def zsre_tail_requests(reported: int = 900, model_dir=None) -> List[dict]:
-    """The known zsRE edit records after the first ``reported`` (never in a reported T=900
-    run, which edits the first 900 usable records): held-out zsRE phrasings."""
+def tail_requests(data: str = "zsre", reported: int = 900, model_dir=None) -> List[dict]:
+    """The known edit records of ``data``'s shared file ("zsre" or "counterfact") after the
+    first ``reported`` known ones, which a reported T=900 run edits: held-out records
+    from the reported records' own file."""
     from lemoe_easyedit import realfact
-    from lemoe_easyedit.evaluation.data import load_zsre
+    from lemoe_easyedit.evaluation.data import load_counterfact, load_zsre
 
     data_dir = realfact.default_data_dir()
     if data_dir is None:
-        raise SystemExit("the zsRE file is not here: set LEMOE_DATA_DIR")
-    requests = load_zsre(data_dir / "zsre" / "zsre_mend_train-1k.json", skip_malformed=True)
+        raise SystemExit(f"the {data} file is not here: set LEMOE_DATA_DIR")
+    if data == "zsre":
+        requests = load_zsre(data_dir / "zsre" / "zsre_mend_train-1k.json",
+                             skip_malformed=True)
+    else:
+        requests = load_counterfact(data_dir / "counterfact" / "counterfact-edit-1k.json")
     path = Path(model_dir) if model_dir else realfact.realfact_model_path()
-    return _known(path, requests[reported:], f"zsRE records after the first {reported}")
+    return _known(path, requests, f"{data} edit records")[reported:]
 
 
 def _known(path: Path, requests: List[dict], what: str) -> List[dict]:
@@ -122,9 +127,11 @@ def main(argv=None) -> int:
     p.add_argument("--grid", default=None,
                    help='JSON {field: [values]} replacing the grid of the (single) method')
     p.add_argument("--tag", default="", help="suffix of the output file names")
-    p.add_argument("--heldout", default="background", choices=("background", "zsre-tail"),
+    p.add_argument("--heldout", default="background",
+                   choices=("background", "zsre-tail", "counterfact-tail"),
                    help="background: CounterFact background records (--n, --skip); "
-                        "zsre-tail: the zsRE edit records after the 900 a report edits")
+                        "zsre-tail / counterfact-tail: the file's known edit records after "
+                        "the 900 a report edits")
     p.add_argument("--no-same-subject-probes", action="store_true",
                    help="leave out the same-subject locality probe (on by default: Loc-EM is "
                         "then the mean of the file's locality probe and this one)")
@@ -135,7 +142,7 @@ def main(argv=None) -> int:
         GRIDS[args.methods[0]] = json.loads(args.grid)
     torch.set_num_threads(args.threads)
     requests = (heldout_requests(args.n, args.skip) if args.heldout == "background"
-                else zsre_tail_requests())
+                else tail_requests(args.heldout.split("-")[0]))
     if not args.no_same_subject_probes:
         from lemoe_easyedit.evaluation.probes import with_same_subject_probes
 
@@ -167,13 +174,14 @@ def main(argv=None) -> int:
         rows.sort(key=lambda r: (-r["avg_em"], -(r["avg"] or 0), r["edit_s"] or 0))
         which = (f"the first {args.n} known background records (counterfact-train.json)"
                  if args.heldout == "background" else
-                 f"the {len(requests)} known zsRE edit records after the first 900 (never in "
-                 "a reported T=900 run)")
+                 f"the {len(requests)} known {args.heldout.split('-')[0]} edit records after "
+                 "the first 900 (never in a reported T=900 run)")
         lines = [f"# {method} on held-out realfact records", "",
                  f"`python examples/realfact_tune.py --methods {method}"
                  f"{f' --n {args.n}' if args.heldout == 'background' else ''}"
                  f"{f' --skip {args.skip}' if args.skip else ''}"
-                 f"{' --heldout zsre-tail' if args.heldout != 'background' else ''}`: {which}, "
+                 f"{f' --heldout {args.heldout}' if args.heldout != 'background' else ''}`: "
+                 f"{which}, "
                  "all edited, then all scored; "
                  "EM = whole-object greedy exact match; wild = the object and then `</s>`; "
                  "Loc-EM is the mean of the file's locality probe (neighbourhood or NQ, "
