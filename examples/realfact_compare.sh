@@ -10,8 +10,9 @@
 # prompt answered exactly; --known auto) and edits targets followed by </s> as the model ends
 # its facts (--end-token auto); --same-subject-probes adds the hard locality case these files
 # lack, each edited subject asked another record's question (lemoe_easyedit.evaluation.probes).
-# Every method uses hparams/<METHOD>/realfact-llama.yaml, tuned
-# on held-out background records (examples/realfact_tune.py), never on these.
+# Every method uses hparams/<METHOD>/realfact-llama.yaml, tuned on held-out records
+# (examples/realfact_tune.py: background records, and for LEMoE also each file's known records
+# after the first 900), never on the first 900 these runs edit (N_EDITS > 900 would reach them).
 #   OUT_DIR/counterfact, OUT_DIR/zsre   the final tables (T = N_EDITS in one stream);
 #   OUT_DIR/*-curve                     Rel/Gen/Loc after every CURVE_EVERY edits (LEMoE then
 #                                       gets its stream in installments; CURVE=0 skips).
