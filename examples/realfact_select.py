@@ -34,9 +34,8 @@ def by_setting(rows: List[dict]) -> Dict[Tuple, Dict[str, float]]:
     for r in rows:
         key = tuple(sorted((k, v) for k, v in r["setting"].items() if k != "seed"))
         groups.setdefault(key, []).append(r)
-    return {key: {**{k: mean(r[k] for r in group)
-                     for k in ("rel_em", "gen_em", "loc_own", "loc_same", "avg_em")},
-                  "seeds": len(group)}
+    return {key: {k: mean(r[k] for r in group)
+                  for k in ("rel_em", "gen_em", "loc_own", "loc_same", "avg_em")}
             for key, group in groups.items()}
 
 
