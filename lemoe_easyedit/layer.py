@@ -8,7 +8,6 @@ Slots of finished batches are frozen: their tensors never receive gradients agai
 from __future__ import annotations
 
 import contextlib
-
 from typing import Any, Dict, Iterator, List, Optional
 
 import torch

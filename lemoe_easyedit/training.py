@@ -469,11 +469,16 @@ def batch_routes(model: nn.Module, layer: LEMoELayer, batch: EditBatch) -> Route
         routes = layer.route(q, layer.queries.valid)
     if batch.origin is None:
         return routes
+    # A variant has its edit's target, so its k-th answer position takes the route of its
+    # edit's k-th: index every answer position by (row's first, rank in its row).
+    rows, cols = batch.anchor_mask.nonzero(as_tuple=True)
+    counts = batch.anchor_mask.sum(1)
+    first = counts.cumsum(0) - counts
+    source = first[batch.origin[rows]] + (torch.arange(len(rows), device=rows.device)
+                                          - first[rows])
     expert, gate = routes.expert.clone(), routes.gate.clone()
-    for row, edit in enumerate(batch.origin.tolist()):
-        if row != edit:
-            expert[row][batch.anchor_mask[row]] = expert[edit][batch.anchor_mask[edit]]
-            gate[row][batch.anchor_mask[row]] = gate[edit][batch.anchor_mask[edit]]
+    expert[rows, cols] = routes.expert[rows[source], cols[source]]
+    gate[rows, cols] = routes.gate[rows[source], cols[source]]
     return Routes(expert, gate)
 
 

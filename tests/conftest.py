@@ -70,6 +70,15 @@ def in_tmp(tmp_path, monkeypatch):
     return tmp_path
 
 
+def load_model(path, **kwargs):
+    """``(model in eval mode, tokenizer)`` of a local model; ``kwargs`` go to
+    ``from_pretrained`` (``dtype``, ``device_map``, ...)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
+    return model, AutoTokenizer.from_pretrained(path)
+
+
 def rel(model, tok, requests, max_length: int = 40) -> float:
     """Teacher-forced accuracy of the requests' target tokens (EasyEdit's Rel)."""
     from lemoe_easyedit.training import collate, encode_edits

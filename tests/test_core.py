@@ -7,18 +7,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import UNRELATED, fact_requests
+from conftest import UNRELATED, fact_requests, load_model
 from lemoe_easyedit import LEMoEHyperParams, apply_lemoe_to_model, find_adaptor
 from lemoe_easyedit.hparams import HPARAMS_DIR
 from lemoe_easyedit.injection import inject_adaptor, remove_adaptor
 from lemoe_easyedit.ordering import EditOrderPlanner
 from lemoe_easyedit.training import collate, encode_edits
-
-
-def load(path):
-    model = AutoModelForCausalLM.from_pretrained(path)
-    tok = AutoTokenizer.from_pretrained(path)
-    return model.eval(), tok
 
 
 def tiny_hp(path, **kw):
@@ -92,7 +86,7 @@ def test_unknown_key_and_malformed_yaml(tmp_path):
 
 
 def test_layer_out_of_range_and_unsupported_architecture(tiny_models, tmp_path):
-    model, tok = load(tiny_models("llama"))
+    model, tok = load_model(tiny_models("llama"))
     with pytest.raises(ValueError, match="layer=7 is out of range: the model has 4 layers"):
         apply_lemoe_to_model(model, tok, fact_requests(1), tiny_hp(tiny_models("llama"), layer=7))
     assert find_adaptor(model) is None
@@ -111,7 +105,7 @@ def test_layer_out_of_range_and_unsupported_architecture(tiny_models, tmp_path):
 ])
 def test_bad_requests_are_refused_before_any_change(tiny_models, change, needle):
     path = tiny_models("llama")
-    model, tok = load(path)
+    model, tok = load_model(path)
     good = fact_requests(2)
     apply_lemoe_to_model(model, tok, good[:1], tiny_hp(path, max_steps=5))
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -130,7 +124,7 @@ def test_bad_requests_are_refused_before_any_change(tiny_models, change, needle)
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gptj"])
 @pytest.mark.parametrize("form", ["ffn", "lora"])
 def test_inserting_an_expert_changes_no_logit(tiny_models, family, form):
-    model, tok = load(tiny_models(family))
+    model, tok = load_model(tiny_models(family))
     texts = [r["prompt"] for r in fact_requests(4)] + UNRELATED[:2]
     before = logits_of(model, tok, texts)
     layer = inject_adaptor(model, tiny_hp(tiny_models(family), expert_form=form,
@@ -144,7 +138,7 @@ def test_inserting_an_expert_changes_no_logit(tiny_models, family, form):
 
 
 def test_new_tensors_follow_host_dtype(tiny_models):
-    model, tok = load(tiny_models("llama"))
+    model, tok = load_model(tiny_models("llama"))
     model = model.to(torch.float64)
     layer = inject_adaptor(model, tiny_hp(tiny_models("llama")))
     slot = layer.new_slot()
@@ -155,7 +149,7 @@ def test_new_tensors_follow_host_dtype(tiny_models):
 
 def test_earlier_experts_are_bit_identical_after_later_batches(tiny_models):
     path = tiny_models("llama")
-    model, tok = load(path)
+    model, tok = load_model(path)
     hp = tiny_hp(path, edits_per_expert=5, max_steps=30)
     reqs = fact_requests(20)
     apply_lemoe_to_model(model, tok, reqs[:10], hp)
@@ -173,7 +167,7 @@ def test_earlier_experts_are_bit_identical_after_later_batches(tiny_models):
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "gpt2", "gptj"])
 def test_one_edit_on_each_family(tiny_models, family):
     path = tiny_models(family)
-    model, tok = load(path)
+    model, tok = load_model(path)
     req = fact_requests(1)
     assert target_accuracy(model, tok, req) < 1.0
     apply_lemoe_to_model(model, tok, req, tiny_hp(path))
@@ -195,7 +189,7 @@ def test_route_is_identical_in_training_scoring_and_generation(tiny_models, fami
     """(a) training forward, (b) teacher-forced prompt+target, (c) greedy generation with a
     KV cache, batches padded left and right: every target position takes the same expert."""
     path = tiny_models(family)
-    model, tok = load(path)
+    model, tok = load_model(path)
     # Targets of several tokens, so that generation steps after the first are compared too.
     reqs = [dict(r, target_new=r["target_new"] + " is sunny") for r in fact_requests(8)]
     # Distinct targets so several experts are in play, and a guard so some positions get none.

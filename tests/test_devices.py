@@ -14,9 +14,8 @@ import dataclasses
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import UNRELATED, fact_requests
+from conftest import UNRELATED, fact_requests, load_model
 from lemoe_easyedit import (LEMoEHyperParams, apply_lemoe_to_model, find_adaptor, load_edits,
                             save_edits)
 from lemoe_easyedit.training import collate, encode_edits
@@ -31,8 +30,7 @@ DEVICE_MAP = {"model.embed_tokens": "disk", "model.layers.0": "cpu", "model.laye
 def load(path, offload_dir=None):
     kw = {} if offload_dir is None else dict(device_map=DEVICE_MAP,
                                              offload_folder=str(offload_dir))
-    model = AutoModelForCausalLM.from_pretrained(path, **kw).eval()
-    return model, AutoTokenizer.from_pretrained(path)
+    return load_model(path, **kw)
 
 
 def hp_for(path, **kw):

@@ -5,20 +5,14 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import fact_requests, rel
+from conftest import fact_requests, load_model, rel
 from lemoe_easyedit import (LEMoEHyperParams, apply_lemoe_to_model, find_adaptor, load_edits,
                             save_edits)
 from lemoe_easyedit.persistence import MANIFEST, EditsFileError
 from lemoe_easyedit.training import collate, encode_edits
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-
-
-def load(path, dtype=torch.float32):
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    return model.eval(), AutoTokenizer.from_pretrained(path)
 
 
 def hp_for(path, **kw):
@@ -44,7 +38,7 @@ def test_16_bit_models_edit_with_finite_losses_and_reach_float32_rel(tiny_models
     monkeypatch.setattr(torch.optim, "AdamW", recording_adamw)
     rels = {}
     for dtype in DTYPES:
-        model, tok = load(path, dtype)
+        model, tok = load_model(path, dtype=dtype)
         apply_lemoe_to_model(model, tok, reqs, hp_for(path, router=router, query_pool=pool))
         layer = find_adaptor(model)
         losses = [h["final_loss"] for h in layer.history]
@@ -67,11 +61,11 @@ def test_16_bit_models_edit_with_finite_losses_and_reach_float32_rel(tiny_models
 def test_edits_saved_in_one_dtype_load_in_another(tiny_models, tmp_path, saved_in, loaded_in):
     path = tiny_models("llama")
     reqs = fact_requests(10)
-    model, tok = load(path, saved_in)
+    model, tok = load_model(path, dtype=saved_in)
     apply_lemoe_to_model(model, tok, reqs, hp_for(path))
     assert rel(model, tok, reqs) == 1.0
     save_edits(model, tmp_path / "edits")
-    fresh, _ = load(path, loaded_in)
+    fresh, _ = load_model(path, dtype=loaded_in)
     assert load_edits(fresh, tmp_path / "edits") is fresh
     layer = find_adaptor(fresh)
     assert all(p.dtype == loaded_in for s in layer.slots for p in s.expert.parameters())
@@ -92,13 +86,13 @@ def test_another_model_is_refused_in_any_dtype(tiny_models, tmp_path):
     from conftest import CORPUS
 
     path = tiny_models("llama")
-    model, tok = load(path)
+    model, tok = load_model(path)
     apply_lemoe_to_model(model, tok, fact_requests(5), hp_for(path))
     save_edits(model, tmp_path / "edits")
     other = build_tiny_model("llama", tmp_path / "other", texts=CORPUS, seed=1)
     for dtype in DTYPES:
         with pytest.raises(EditsFileError, match="different base model"):
-            load_edits(load(other, dtype)[0], tmp_path / "edits")
+            load_edits(load_model(other, dtype=dtype)[0], tmp_path / "edits")
 
 
 def test_saves_from_before_fingerprints_load_in_their_dtype(tiny_models, tmp_path):
@@ -109,7 +103,7 @@ def test_saves_from_before_fingerprints_load_in_their_dtype(tiny_models, tmp_pat
     reqs = fact_requests(5)
     for saved_in, ok, refused in ((torch.float32, [torch.float32], [torch.bfloat16]),
                                   (torch.bfloat16, [torch.bfloat16, torch.float32], [])):
-        model, tok = load(path, saved_in)
+        model, tok = load_model(path, dtype=saved_in)
         apply_lemoe_to_model(model, tok, reqs, hp_for(path))
         d = tmp_path / f"old-{saved_in}".replace("torch.", "")
         save_edits(model, d)
@@ -118,10 +112,10 @@ def test_saves_from_before_fingerprints_load_in_their_dtype(tiny_models, tmp_pat
         manifest["base_model"].pop("dtype")
         (d / MANIFEST).write_text(json.dumps(manifest))
         for dtype in ok:
-            assert find_adaptor(load_edits(load(path, dtype)[0], d)) is not None
+            assert find_adaptor(load_edits(load_model(path, dtype=dtype)[0], d)) is not None
         for dtype in refused:
             with pytest.raises(EditsFileError, match="dtype the edits were saved from"):
-                load_edits(load(path, dtype)[0], d)
+                load_edits(load_model(path, dtype=dtype)[0], d)
 
 
 @pytest.mark.parametrize("router,pool", [("learned", "prefix_mean"), ("anchor", "ffn_input"),
@@ -129,7 +123,7 @@ def test_saves_from_before_fingerprints_load_in_their_dtype(tiny_models, tmp_pat
 def test_half_after_editing_then_another_edit(tiny_models, router, pool):
     path = tiny_models("llama")
     reqs = fact_requests(10)
-    model, tok = load(path)
+    model, tok = load_model(path)
     hp = hp_for(path, router=router, query_pool=pool)
     apply_lemoe_to_model(model, tok, reqs[:5], hp)
     model.half()

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import yaml
 
-from conftest import UNRELATED, fact_requests
+from conftest import UNRELATED, fact_requests, load_model
 from lemoe_easyedit import grace
 from lemoe_easyedit.grace import (GraceAdapter, GraceHyperParams, apply_grace_to_model,
                                   find_grace, remove_grace)
@@ -138,14 +138,6 @@ def hparams_for(path, **kw):
     return GraceHyperParams(**cfg)
 
 
-def load(path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(path)
-    model.eval()
-    return model, AutoTokenizer.from_pretrained(path)
-
-
 def teacher_forced_match(model, tok, prompt, target):
     p = tok(prompt)["input_ids"]
     f = tok(prompt + " " + target)["input_ids"]
@@ -157,7 +149,7 @@ def teacher_forced_match(model, tok, prompt, target):
 
 @pytest.mark.parametrize("replacement", ["replace_last", "replace_all"])
 def test_edits_are_learned_and_far_inputs_untouched(tiny_models, replacement):
-    model, tok = load(tiny_models("llama"))
+    model, tok = load_model(tiny_models("llama"))
     # Single-token targets: a randomly initialised model cannot be steered to two different
     # tokens by one vector (multi-token targets: test_multi_token_targets_on_the_testbed).
     requests = fact_requests(6)
@@ -186,7 +178,7 @@ def test_edits_are_learned_and_far_inputs_untouched(tiny_models, replacement):
 
 
 def test_release_restore_switches_new_keys_off(tiny_models):
-    model, tok = load(tiny_models("llama"))
+    model, tok = load_model(tiny_models("llama"))
     hp = hparams_for(tiny_models("llama"))
     apply_grace_to_model(model, tok, fact_requests(2), hp)
     x = tok([r["prompt"] for r in fact_requests(4)], return_tensors="pt", padding=True)
@@ -291,7 +283,7 @@ def test_radii_must_be_positive():
 def test_re_edit_and_split_are_served_on_a_real_model(tiny_models):
     """The same prompt edited again with a new target is served the new target; two close
     prompts with different targets (the split path) are both served, without forcing."""
-    model, tok = load(tiny_models("llama"))
+    model, tok = load_model(tiny_models("llama"))
     reqs = fact_requests(2)
     hp = hparams_for(tiny_models("llama"), eps=1e3)  # every prompt inside every radius
     apply_grace_to_model(model, tok, [reqs[0]], hp)
@@ -308,7 +300,7 @@ def test_re_edit_and_split_are_served_on_a_real_model(tiny_models):
     for r in (again, other):
         assert teacher_forced_match(model, tok, r["prompt"], r["target_new"])[0], r
     # Expand: a second prompt with the same label as the only key.
-    model, tok = load(tiny_models("llama"))
+    model, tok = load_model(tiny_models("llama"))
     first, second = (dict(r, target_new="Tokyo") for r in fact_requests(2))
     apply_grace_to_model(model, tok, [first], dataclasses.replace(hp, eps=1e-3))
     apply_grace_to_model(model, tok, [second], dataclasses.replace(hp, eps=1e3))
@@ -319,7 +311,7 @@ def test_re_edit_and_split_are_served_on_a_real_model(tiny_models):
 
 
 def test_an_edit_its_prompt_cannot_reach_fails_and_is_undone(tiny_models, monkeypatch):
-    model, tok = load(tiny_models("llama"))
+    model, tok = load_model(tiny_models("llama"))
     reqs = fact_requests(2)
     hp = hparams_for(tiny_models("llama"), eps=1e-3)
     apply_grace_to_model(model, tok, [reqs[0]], hp)

@@ -9,9 +9,9 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
-from conftest import UNRELATED, fact_requests
+from conftest import UNRELATED, fact_requests, load_model
 from lemoe_easyedit import LEMoEHyperParams, apply_lemoe_to_model, find_adaptor
 from lemoe_easyedit.injection import inject_adaptor
 from lemoe_easyedit.model_families import get_submodule
@@ -21,10 +21,6 @@ from lemoe_easyedit.training import encode_edits, train_slot
 YAML = {"llama": "tiny-llama", "gpt2": "tiny-gpt2"}
 
 
-def load(path):
-    return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
-
-
 def hp_for(family, path, **kw):
     hp = LEMoEHyperParams.from_hparams(YAML[family])
     return dataclasses.replace(hp, model_name=str(path), **kw)
@@ -32,7 +28,7 @@ def hp_for(family, path, **kw):
 
 def train_two_experts(path, hp, tok, requests):
     """Two experts of 10 edits each, the second trained with the first one frozen."""
-    model, _ = load(path)
+    model, _ = load_model(path)
     layer = inject_adaptor(model, hp)
     trace = []
     for i in range(2):
@@ -83,7 +79,7 @@ def test_cached_training_runs_nothing_below_the_adaptor_per_step(tiny_models):
     for cached in (True, False):
         hp = hp_for("llama", path, layer=2, max_steps=12, train_batch_size=4,
                     loss_threshold=0.0, cached_activations=cached)
-        model, _ = load(path)
+        model, _ = load_model(path)
         layer = inject_adaptor(model, hp)
         below = get_submodule(model, "model.layers.1")
         calls = []
@@ -98,7 +94,7 @@ def test_cached_training_runs_nothing_below_the_adaptor_per_step(tiny_models):
 
 def test_training_leaves_no_gradient_state(tiny_models):
     path = tiny_models("llama")
-    model, tok = load(path)
+    model, tok = load_model(path)
     requires = {p: p.requires_grad for p in model.parameters()}
     hp = hp_for("llama", path, edits_per_expert=5, max_steps=20)
     apply_lemoe_to_model(model, tok, fact_requests(10), hp)
@@ -152,7 +148,7 @@ def reference_routes(query, valid, slots, *, router, top_k, guard, threshold):
 
 def _layer_with_slots(tiny_models, n, **kw):
     path = tiny_models("llama")
-    model, tok = load(path)
+    model, tok = load_model(path)
     layer = inject_adaptor(model, hp_for("llama", path, **kw))
     torch.manual_seed(0)
     for i in range(n):
@@ -237,7 +233,7 @@ def test_flags_keep_their_values_and_save(tiny_models, tmp_path):
     assert all(not s.enabled.requires_grad for s in layer.slots)
     assert dict(layer.named_parameters())["slots.1.enabled"] is layer.slots[1].enabled
     save_edits(model, tmp_path / "edits")
-    fresh, _ = load(tiny_models("llama"))
+    fresh, _ = load_model(tiny_models("llama"))
     loaded = find_adaptor(load_edits(fresh, tmp_path / "edits"))
     assert [s.is_enabled for s in loaded.slots] == [True, False, True]
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
-from conftest import UNRELATED, fact_requests
+from conftest import UNRELATED, fact_requests, load_model
 from lemoe_easyedit import (EditsFileError, LEMoEHyperParams, apply_lemoe_to_model, find_adaptor,
                             find_edit, load_edits, remove_edit, rollback, save_edits)
 from lemoe_easyedit.persistence import MANIFEST, SAVE_HOOK_ENV, TENSORS
@@ -25,10 +25,6 @@ from lemoe_easyedit.training import collate, encode_edits
 
 REPO = Path(__file__).resolve().parent.parent
 YAML = {"llama": "tiny-llama", "gpt2": "tiny-gpt2"}
-
-
-def load(path):
-    return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
 
 
 def hp_for(path, family="llama", **kw):
@@ -90,7 +86,7 @@ def same_state(a, b):
 def test_load_reproduces_logits_exactly_and_editing_continues(tiny_models, tmp_path, family,
                                                               pool, mode):
     path = tiny_models(family)
-    model, tok = load(path)
+    model, tok = load_model(path)
     hp = dataclasses.replace(hp_for(path, family), query_pool=pool)
     reqs = fact_requests(8)
     if mode == "batch":
@@ -106,7 +102,7 @@ def test_load_reproduces_logits_exactly_and_editing_continues(tiny_models, tmp_p
     save_edits(model, tmp_path / "edits")
     assert sorted(p.name for p in (tmp_path / "edits").iterdir()) == [TENSORS, MANIFEST]
 
-    fresh, _ = load(path)
+    fresh, _ = load_model(path)
     assert load_edits(fresh, tmp_path / "edits") is fresh   # PEFT's convention: the model
     loaded = find_adaptor(fresh)
     assert torch.equal(ref, logits(fresh, tok, texts))
@@ -128,10 +124,10 @@ def test_load_reproduces_logits_exactly_and_editing_continues(tiny_models, tmp_p
 
 def test_load_reads_no_pickle(tiny_models, tmp_path, monkeypatch):
     path = tiny_models("llama")
-    model, tok = load(path)
+    model, tok = load_model(path)
     apply_lemoe_to_model(model, tok, fact_requests(3), hp_for(path, max_steps=5))
     save_edits(model, tmp_path / "e")
-    fresh, _ = load(path)
+    fresh, _ = load_model(path)
 
     def banned(*a, **k):
         raise AssertionError("load_edits must not unpickle")
@@ -148,7 +144,7 @@ def test_load_reads_no_pickle(tiny_models, tmp_path, monkeypatch):
 def saved(tiny_models, tmp_path_factory):
     """One save of a tiny llama edited in two experts, to corrupt copies of."""
     path = tiny_models("llama")
-    model, tok = load(path)
+    model, tok = load_model(path)
     apply_lemoe_to_model(model, tok, fact_requests(6), hp_for(path, max_steps=5))
     out = tmp_path_factory.mktemp("saved") / "edits"
     save_edits(model, out)
@@ -277,7 +273,7 @@ def test_bad_save_is_refused_and_model_untouched(saved, tmp_path, case):
     shutil.copytree(src, d)
     corrupt, needle = CORRUPTIONS[case]
     corrupt(d)
-    model, _ = load(path)
+    model, _ = load_model(path)
     before = _model_signature(model)
     rng = torch.random.get_rng_state()
     with pytest.raises(EditsFileError, match=needle):
@@ -302,7 +298,7 @@ def _other_llama(tok, **kw):
 ])
 def test_other_base_model_is_refused(saved, tiny_models, which, needle, tmp_path):
     path, src = saved
-    model, tok = load(path)
+    model, tok = load_model(path)
     target = src
     if which == "host weights":
         with torch.no_grad():
@@ -311,7 +307,7 @@ def test_other_base_model_is_refused(saved, tiny_models, which, needle, tmp_path
         with torch.no_grad():
             model.model.embed_tokens.weight[5, 0] += 1e-3
     elif which == "model type":
-        model, _ = load(tiny_models("gpt2"))
+        model, _ = load_model(tiny_models("gpt2"))
     elif which == "hidden size":
         model = _other_llama(tok, hidden=48)
     elif which == "layer count":
@@ -326,13 +322,13 @@ def test_other_base_model_is_refused(saved, tiny_models, which, needle, tmp_path
 
 def test_load_into_an_edited_model_needs_replace(saved, tmp_path):
     path, src = saved
-    model, tok = load(path)
+    model, tok = load_model(path)
     apply_lemoe_to_model(model, tok, fact_requests(1), hp_for(path, max_steps=3))
     before = state(model)
     with pytest.raises(ValueError, match="already has a LEMoE adaptor"):
         load_edits(model, src)
     assert same_state(before, state(model))
-    fresh, _ = load(path)
+    fresh, _ = load_model(path)
     load_edits(fresh, src)
     assert load_edits(model, src, replace=True) is model
     assert len(find_adaptor(model).slots) == 2
@@ -342,7 +338,7 @@ def test_load_into_an_edited_model_needs_replace(saved, tmp_path):
 
 def test_save_refuses_foreign_directory_and_unedited_model(saved, tmp_path):
     path, _ = saved
-    model, tok = load(path)
+    model, tok = load_model(path)
     with pytest.raises(ValueError, match="no LEMoE adaptor"):
         save_edits(model, tmp_path / "x")
     apply_lemoe_to_model(model, tok, fact_requests(1), hp_for(path, max_steps=3))
@@ -399,7 +395,7 @@ def _env(**extra):
 
 def test_load_edits_works_without_easyeditor(tiny_models, tmp_path):
     path = tiny_models("llama")
-    model, tok = load(path)
+    model, tok = load_model(path)
     x = tok(texts_for(fact_requests(4)), return_tensors="pt", padding=True)
     with torch.no_grad():
         base = model(**x).logits
@@ -444,7 +440,7 @@ while True:
 
 def _edited_save(tiny_models, tmp_path):
     path = tiny_models("llama")
-    model, tok = load(path)
+    model, tok = load_model(path)
     apply_lemoe_to_model(model, tok, fact_requests(6), hp_for(path, max_steps=5))
     save_edits(model, tmp_path / "edits")
     texts = texts_for(fact_requests(6))
@@ -457,7 +453,7 @@ def _edited_save(tiny_models, tmp_path):
 
 
 def _load_logits(path, tok, texts, d):
-    m, _ = load(path)
+    m, _ = load_model(path)
     load_edits(m, d)
     return logits(m, tok, texts)
 
@@ -521,7 +517,7 @@ def test_save_killed_mid_save_keeps_a_whole_save(tiny_models, tmp_path):
     assert torch.equal(got, ref_a) or torch.equal(got, ref_b)
 
     # The next save cleans up what the killed ones left and replaces the previous save.
-    model, _ = load(path)
+    model, _ = load_model(path)
     load_edits(model, tmp_path / "pristine")
     rollback(model, last=1)
     for stage in [*stages, "loop"]:
@@ -534,7 +530,7 @@ def test_save_killed_mid_save_keeps_a_whole_save(tiny_models, tmp_path):
 
 def test_rollback_of_newest_experts_restores_exact_logits(tiny_models):
     path = tiny_models("llama")
-    model, tok = load(path)
+    model, tok = load_model(path)
     hp = hp_for(path)
     reqs = fact_requests(10)
     texts = texts_for(reqs)
@@ -563,7 +559,7 @@ def test_rollback_of_newest_experts_restores_exact_logits(tiny_models):
 def test_rollback_of_a_middle_expert(tiny_models, router):
     """Inputs never routed to the removed expert keep their exact logits; its edits are gone."""
     path = tiny_models("llama")
-    model, tok = load(path)
+    model, tok = load_model(path)
     reqs = fact_requests(9)
     apply_lemoe_to_model(model, tok, reqs, hp_for(path, router=router, order_planning=False))
     layer = find_adaptor(model)
@@ -591,7 +587,7 @@ def test_rollback_of_a_middle_expert(tiny_models, router):
 
 def test_find_edit(tiny_models):
     path = tiny_models("llama")
-    model, tok = load(path)
+    model, tok = load_model(path)
     reqs = fact_requests(4)
     apply_lemoe_to_model(model, tok, reqs[:3], hp_for(path, max_steps=3))
     apply_lemoe_to_model(model, tok, [dict(reqs[0], target_new="Rome")], hp_for(path, max_steps=3))
@@ -607,7 +603,7 @@ def test_find_edit(tiny_models):
 @pytest.mark.parametrize("router", ["anchor", "learned"])
 def test_remove_edit_retrains_its_expert_without_it(tiny_models, router, monkeypatch):
     path = tiny_models("llama")
-    model, tok = load(path)
+    model, tok = load_model(path)
     reqs = fact_requests(9)
     hp = hp_for(path, router=router, order_planning=False, max_steps=60)
     apply_lemoe_to_model(model, tok, reqs, hp)
@@ -646,14 +642,14 @@ def test_acceptance_radii_are_saved_and_a_save_without_them_still_loads(tiny_mod
     import hashlib
 
     path = tiny_models("llama")
-    model, tok = load(path)
+    model, tok = load_model(path)
     hp = hp_for(path, query_pool="ffn_input", router="anchor", negatives_per_edit=2)
     apply_lemoe_to_model(model, tok, fact_requests(6), hp)
     radii = [s.radius.clone() for s in find_adaptor(model).slots]
     assert all(len(r) == len(s.anchors) for r, s in zip(radii, find_adaptor(model).slots))
     assert any(bool((r > -1).any()) for r in radii)   # fitted, not left empty
     save_edits(model, tmp_path / "edits")
-    loaded = find_adaptor(load_edits(load(path)[0], tmp_path / "edits"))
+    loaded = find_adaptor(load_edits(load_model(path)[0], tmp_path / "edits"))
     assert all(torch.equal(a, s.radius) for a, s in zip(radii, loaded.slots))
 
     # A save from before anchors had radii (format 1 without the tensor) loads, radius-less.
@@ -668,7 +664,7 @@ def test_acceptance_radii_are_saved_and_a_save_without_them_still_loads(tiny_mod
     blob = (old / TENSORS).read_bytes()
     manifest["tensors"].update(bytes=len(blob), sha256=hashlib.sha256(blob).hexdigest())
     (old / MANIFEST).write_text(json.dumps(manifest))
-    older = find_adaptor(load_edits(load(path)[0], old))
+    older = find_adaptor(load_edits(load_model(path)[0], old))
     assert all(len(s.radius) == 0 for s in older.slots)
     # A radius of the wrong length is refused by name.
     tensors["slots.0.radius"] = torch.zeros(len(tensors["slots.0.anchors"]) + 1)
@@ -680,4 +676,4 @@ def test_acceptance_radii_are_saved_and_a_save_without_them_still_loads(tiny_mod
     manifest["tensors"].update(bytes=len(blob), sha256=hashlib.sha256(blob).hexdigest())
     (old / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(EditsFileError, match="radius"):
-        load_edits(load(path)[0], old)
+        load_edits(load_model(path)[0], old)

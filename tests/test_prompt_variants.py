@@ -6,18 +6,14 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
-from conftest import fact_requests
+from conftest import fact_requests, load_model
 from lemoe_easyedit import (LEMoEHyperParams, apply_lemoe_to_model, find_adaptor, load_edits,
                             save_edits)
 from lemoe_easyedit.subjects import subject_positions
 from lemoe_easyedit.training import (EncodedEdit, batch_routes, encode_edits, prompt_variants,
                                      training_batches)
-
-
-def load(path):
-    return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
 
 
 def variant_hp(path, **kw):
@@ -63,7 +59,7 @@ def test_a_variants_answer_is_routed_as_its_edits_answer(tiny_models):
     paraphrase. Without that copy the test's premise shows: some variant position is left
     unrouted."""
     path = tiny_models("llama")
-    model, tok = load(path)
+    model, tok = load_model(path)
     request = fact_requests(1)[0]
     hp = variant_hp(path, guard_threshold=0.999, prompt_dropout=0.6)
     model, _ = apply_lemoe_to_model(model, tok, [request], hp)
@@ -83,7 +79,7 @@ def test_a_variants_answer_is_routed_as_its_edits_answer(tiny_models):
 
 def test_edits_trained_with_variants_are_served(tiny_models):
     path = tiny_models("llama")
-    model, tok = load(path)
+    model, tok = load_model(path)
     requests = fact_requests(4)
     hp = variant_hp(path, locality_guard=False, max_steps=80)
     model, _ = apply_lemoe_to_model(model, tok, requests, hp)
@@ -97,7 +93,7 @@ def test_edits_trained_with_variants_are_served(tiny_models):
 
 def test_older_saves_load_without_prompt_variants(tiny_models, tmp_path):
     path = tiny_models("llama")
-    model, tok = load(path)
+    model, tok = load_model(path)
     apply_lemoe_to_model(model, tok, fact_requests(1), variant_hp(path, max_steps=5))
     save_edits(model, tmp_path / "edits")
     manifest = tmp_path / "edits" / "manifest.json"
@@ -106,7 +102,7 @@ def test_older_saves_load_without_prompt_variants(tiny_models, tmp_path):
     for field in ("prompt_variants", "prompt_dropout"):  # a save from before the fields
         del data["hparams"][field]
     manifest.write_text(json.dumps(data))
-    fresh, _ = load(path)
+    fresh, _ = load_model(path)
     load_edits(fresh, tmp_path / "edits")
     hp = find_adaptor(fresh).hparams
     assert (hp.prompt_variants, hp.prompt_dropout) == (0, 0.5)

@@ -9,9 +9,8 @@ import torch
 import yaml
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import UNRELATED, fact_requests
+from conftest import UNRELATED, fact_requests, load_model
 import lemoe_easyedit.training as training
 from lemoe_easyedit import (LEMoEHyperParams, apply_lemoe_to_model, find_adaptor, find_edit,
                             load_edits, rollback, save_edits)
@@ -22,10 +21,6 @@ FIELDS = [f.name for f in dataclasses.fields(LEMoEHyperParams)]
 # 25 examples per fuzz test keep this file fast; LEMOE_FUZZ_EXAMPLES=500 for a longer hunt.
 FUZZ = settings(max_examples=int(os.environ.get("LEMOE_FUZZ_EXAMPLES", "25")), deadline=None,
                 suppress_health_check=list(HealthCheck))
-
-
-def load(path):
-    return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
 
 
 def hp_for(path, **kw):
@@ -78,7 +73,7 @@ def test_same_seed_same_adaptor_bit_for_bit(tiny_models, mode):
     for noise in (0, 1):
         torch.manual_seed(1234 + noise)   # the caller's random state must not matter
         torch.rand(17 * noise + 1)
-        model, tok = load(path)
+        model, tok = load_model(path)
         if mode == "batch":
             apply_lemoe_to_model(model, tok, fact_requests(7), hp)
         else:
@@ -89,7 +84,7 @@ def test_same_seed_same_adaptor_bit_for_bit(tiny_models, mode):
     assert same_state(a, b)
     assert ra == rb                      # same edits per expert, same history and plans
     # A different seed gives a different adaptor (the seed is what is being honoured).
-    model, tok = load(path)
+    model, tok = load_model(path)
     apply_lemoe_to_model(model, tok, fact_requests(7) if mode == "batch" else fact_requests(1),
                          dataclasses.replace(hp, seed=1))
     other = state(find_adaptor(model))
@@ -206,7 +201,7 @@ def requests_strategy(draw):
 def edited_save(tiny_models, tmp_path_factory):
     """A tiny llama with one online edit (an open expert), saved for quick resets."""
     path = tiny_models("llama")
-    model, tok = load(path)
+    model, tok = load_model(path)
     apply_lemoe_to_model(model, tok, fact_requests(1), hp_for(path, max_steps=2))
     d = tmp_path_factory.mktemp("fuzz") / "edits"
     save_edits(model, d)
@@ -217,7 +212,7 @@ def edited_save(tiny_models, tmp_path_factory):
 @given(requests=requests_strategy())
 def test_fuzzed_requests_fail_cleanly_and_change_nothing(edited_save, requests):
     path, d = edited_save
-    model, tok = load(path)
+    model, tok = load_model(path)
     load_edits(model, d)
     hp = hp_for(path, max_steps=2, route_steps=5, edits_per_expert=2)
     before, record = state(model), adaptor_record(model)
@@ -236,7 +231,7 @@ def test_fuzzed_requests_fail_cleanly_and_change_nothing(edited_save, requests):
 
 def test_long_prompt_loses_its_beginning(tiny_models):
     path = tiny_models("llama")
-    model, tok = load(path)
+    model, tok = load_model(path)
     prompt = " ".join(UNRELATED[:4]) + " Alice Smith was born in the city of"
     req = {"prompt": prompt, "target_new": "Lima"}
     full = tok(prompt + " Lima")["input_ids"]
@@ -254,7 +249,7 @@ def test_long_prompt_loses_its_beginning(tiny_models):
 
 def test_duplicate_edits_are_kept_once(tiny_models):
     path = tiny_models("llama")
-    model, tok = load(path)
+    model, tok = load_model(path)
     r = fact_requests(2)
     apply_lemoe_to_model(model, tok, [r[0], r[1], dict(r[0])], hp_for(path))
     layer = find_adaptor(model)
@@ -274,13 +269,13 @@ def _conflict(req, target):
 
 def test_conflicting_edits_in_one_call_and_in_the_open_expert(tiny_models):
     path = tiny_models("llama")
-    model, tok = load(path)
+    model, tok = load_model(path)
     r = fact_requests(3)
     a, b = _conflict(r[0], "Paris"), _conflict(r[0], "Tokyo")
     apply_lemoe_to_model(model, tok, [a, r[1], b], hp_for(path))       # one batch call
     assert produced(model, tok, b) and not produced(model, tok, a)
     assert find_edit(model, r[0]["prompt"]).target_new == "Tokyo"
-    model, tok = load(path)
+    model, tok = load_model(path)
     for req in (a, r[1], b):                                         # online, one open expert
         apply_lemoe_to_model(model, tok, [req], hp_for(path))
     assert len(find_adaptor(model).slots) == 1
@@ -293,7 +288,7 @@ def test_conflicting_edits_across_experts_later_wins(tiny_models, router, pool):
     """A prompt edited again in a later expert: the later target is produced, and rolling
     the later expert back gives the earlier target (exact logits) again."""
     path = tiny_models("llama")
-    model, tok = load(path)
+    model, tok = load_model(path)
     hp = hp_for(path, router=router, max_steps=60, query_pool=pool)
     r = fact_requests(6)
     a, b = _conflict(r[0], "Paris"), _conflict(r[0], "Tokyo")
@@ -313,7 +308,7 @@ def test_conflicting_edits_across_experts_later_wins(tiny_models, router, pool):
 
 def test_empty_edit_list_is_refused(tiny_models):
     path = tiny_models("llama")
-    model, tok = load(path)
+    model, tok = load_model(path)
     before = state(model)
     for empty in ([], ()):
         with pytest.raises(ValueError, match="requests is empty"):
@@ -336,7 +331,7 @@ def _nan_after(n):
 @pytest.mark.parametrize("mode", ["second batch", "online", "first edit"])
 def test_diverging_training_restores_the_model_and_raises(tiny_models, monkeypatch, mode):
     path = tiny_models("llama")
-    model, tok = load(path)
+    model, tok = load_model(path)
     hp = hp_for(path, max_steps=5)
     reqs = fact_requests(8)
     if mode != "first edit":
@@ -371,7 +366,7 @@ def test_overflowing_optimizer_step_restores_the_model(tiny_models):
     """lr=1e38 makes AdamW's step overflow (RuntimeError inside torch): any failure, not
     only a non-finite loss, leaves the model as it was."""
     path = tiny_models("llama")
-    model, tok = load(path)
+    model, tok = load_model(path)
     before = state(model)
     with pytest.raises(RuntimeError):
         apply_lemoe_to_model(model, tok, fact_requests(3), hp_for(path, lr=1e38, max_steps=3))

@@ -6,15 +6,10 @@ import random
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import fact_requests, rel
+from conftest import fact_requests, load_model, rel
 from lemoe_easyedit import (LEMoEHyperParams, apply_lemoe_to_model, find_adaptor, load_edits,
                             remove_edit, save_edits)
-
-
-def load(path):
-    return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
 
 
 def hp_for(path, **kw):
@@ -25,7 +20,7 @@ def hp_for(path, **kw):
 @pytest.mark.parametrize("planning", [False, True])
 def test_max_experts_bounds_a_stream_delivered_in_many_calls(tiny_models, planning):
     path = tiny_models("llama")
-    model, tok = load(path)
+    model, tok = load_model(path)
     hp = hp_for(path, edits_per_expert=4, max_experts=3, max_steps=80,
                 order_planning=planning)
     reqs = fact_requests(12)
@@ -58,7 +53,7 @@ def test_max_experts_bounds_a_stream_delivered_in_many_calls(tiny_models, planni
 
 def test_a_partly_filled_expert_takes_the_next_calls_edits(tiny_models):
     path = tiny_models("llama")
-    model, tok = load(path)
+    model, tok = load_model(path)
     hp = hp_for(path, edits_per_expert=5, max_experts=2, max_steps=80, order_planning=False)
     reqs = fact_requests(10)
     apply_lemoe_to_model(model, tok, reqs[:3], hp)
@@ -69,7 +64,7 @@ def test_a_partly_filled_expert_takes_the_next_calls_edits(tiny_models):
     assert [e["prompt"] for e in layer.slots[0].edits] == [r["prompt"] for r in reqs[:5]]
     assert rel(model, tok, reqs) == 1.0
     # A prompt the open expert holds, edited again in a batch call, replaces its record.
-    model2, _ = load(path)
+    model2, _ = load_model(path)
     apply_lemoe_to_model(model2, tok, reqs[:3], hp)
     again = dict(reqs[1], target_new="Oslo" if reqs[1]["target_new"] != "Oslo" else "Lima")
     apply_lemoe_to_model(model2, tok, [again, reqs[3]], hp)
@@ -82,7 +77,7 @@ def test_no_edit_path_touches_the_callers_random_state(tiny_models, tmp_path):
     """Batch (with K-means planning), online, the learned and the anchor router with radii,
     remove_edit, save and load: the global torch, numpy and random states are untouched."""
     path = tiny_models("llama")
-    model, tok = load(path)
+    model, tok = load_model(path)
     torch.manual_seed(1234)
     np.random.seed(99)
     random.seed(7)
@@ -95,7 +90,7 @@ def test_no_edit_path_touches_the_callers_random_state(tiny_models, tmp_path):
         path, max_steps=20, router="anchor", query_pool="ffn_input", negatives_per_edit=2))
     remove_edit(model, tok, reqs[0]["prompt"])
     save_edits(model, tmp_path / "e")
-    load_edits(load(path)[0], tmp_path / "e")
+    load_edits(load_model(path)[0], tmp_path / "e")
     assert torch.equal(torch.get_rng_state(), states[0])
     assert np.array_equal(np.random.get_state()[1], states[1])
     assert random.getstate() == states[2]
@@ -103,10 +98,10 @@ def test_no_edit_path_touches_the_callers_random_state(tiny_models, tmp_path):
         assert all(torch.equal(a, b) for a, b in zip(cuda, torch.cuda.get_rng_state_all()))
     # And the same seed still gives the same adaptor, whatever the caller's RNG did.
     torch.manual_seed(5)
-    m1, _ = load(path)
+    m1, _ = load_model(path)
     apply_lemoe_to_model(m1, tok, reqs[:4], hp_for(path, max_steps=10))
     torch.rand(100)
-    m2, _ = load(path)
+    m2, _ = load_model(path)
     apply_lemoe_to_model(m2, tok, reqs[:4], hp_for(path, max_steps=10))
     s1, s2 = find_adaptor(m1).slots[0].state_dict(), find_adaptor(m2).slots[0].state_dict()
     assert all(torch.equal(s1[k], s2[k]) for k in s1)

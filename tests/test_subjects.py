@@ -4,17 +4,12 @@ import dataclasses
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import fact_requests
+from conftest import fact_requests, load_model
 from lemoe_easyedit import (LEMoEHyperParams, apply_lemoe_to_model, find_adaptor, load_edits,
                             save_edits)
 from lemoe_easyedit.subjects import (SubjectIndex, carry, subject_key, subject_rows,
                                      subject_token_forms)
-
-
-def load(path):
-    return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
 
 
 def subject_hp(path, **kw):
@@ -67,7 +62,7 @@ def test_carry_keeps_the_last_subject_to_the_end_and_across_calls():
 
 
 def test_subject_forms_cover_start_of_text_after_a_space_and_inside_the_prompt(tiny_models):
-    _, tok = load(tiny_models("gpt2"))   # byte-level BPE: "Ann" and " Ann" are other tokens
+    _, tok = load_model(tiny_models("gpt2"))   # byte-level BPE: "Ann" and " Ann" are other tokens
     req = {"prompt": "Where was Alice Smith born", "target_new": "Rome",
            "subject": "Alice Smith"}
     forms = subject_token_forms(tok, req)
@@ -105,7 +100,7 @@ def test_subject_forms_cover_a_last_token_merged_with_punctuation():
 def test_subject_router_serves_paraphrases_and_leaves_other_subjects_alone(tiny_models,
                                                                              family):
     path = tiny_models(family)
-    model, tok = load(path)
+    model, tok = load_model(path)
     reqs = fact_requests(6)
     apply_lemoe_to_model(model, tok, reqs, subject_hp(path))
     layer = find_adaptor(model)
@@ -128,11 +123,11 @@ def test_subject_router_serves_paraphrases_and_leaves_other_subjects_alone(tiny_
 
 def test_subject_router_edits_persist_through_save_and_load(tiny_models, tmp_path):
     path = tiny_models("llama")
-    model, tok = load(path)
+    model, tok = load_model(path)
     reqs = fact_requests(4)
     apply_lemoe_to_model(model, tok, reqs, subject_hp(path))
     save_edits(model, tmp_path / "edits")
-    fresh, _ = load(path)
+    fresh, _ = load_model(path)
     load_edits(fresh, tmp_path / "edits")
     x = tok([f"They say {r['subject']} was born in the city of" for r in reqs],
             return_tensors="pt", padding=True)
@@ -147,7 +142,7 @@ def test_subject_router_edits_persist_through_save_and_load(tiny_models, tmp_pat
 
 def test_subject_router_rejects_what_it_cannot_route(tiny_models):
     path = tiny_models("llama")
-    model, tok = load(path)
+    model, tok = load_model(path)
     req = dict(fact_requests(1)[0])
     req.pop("subject")
     with pytest.raises(ValueError, match="request 0: field 'subject'"):
@@ -166,7 +161,7 @@ def test_edits_of_one_subject_in_several_experts_each_keep_their_own(tiny_models
     from conftest import rel
 
     path = tiny_models("llama")
-    model, tok = load(path)
+    model, tok = load_model(path)
     born, other = fact_requests(2)
     lives = {"prompt": f"The city where {born['subject']} lives is",
              "target_new": other["target_new"], "subject": born["subject"]}
@@ -231,7 +226,7 @@ def test_a_carried_guard_serves_a_cached_generation_as_full_forwards_do(tiny_mod
     full forward over the same tokens: the admission carried between steps is the state a
     full forward computes."""
     path = tiny_models("llama")
-    model, tok = load(path)
+    model, tok = load_model(path)
     reqs = fact_requests(4)
     hp = subject_hp(path, edits_per_expert=1, locality_guard=True, guard_carries=True,
                     query_pool="ffn_input", guard_threshold=0.5)
@@ -268,7 +263,7 @@ def test_guard_carries_is_checked_and_older_saves_load_without_it(tiny_models, t
         subject_hp(path, router="anchor", guard_carries=True)
     with pytest.raises(ValueError, match="guard_carries"):
         subject_hp(path, guard_carries="yes")
-    model, tok = load(path)
+    model, tok = load_model(path)
     apply_lemoe_to_model(model, tok, fact_requests(2),
                          subject_hp(path, locality_guard=True, guard_carries=True))
     save_edits(model, tmp_path / "edits")
@@ -277,6 +272,6 @@ def test_guard_carries_is_checked_and_older_saves_load_without_it(tiny_models, t
     assert data["hparams"]["guard_carries"] is True
     del data["hparams"]["guard_carries"]  # a save written before the field existed
     manifest.write_text(json.dumps(data))
-    fresh, _ = load(path)
+    fresh, _ = load_model(path)
     load_edits(fresh, tmp_path / "edits")
     assert find_adaptor(fresh).hparams.guard_carries is False
