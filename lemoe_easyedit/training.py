@@ -298,8 +298,9 @@ def _train_slot(model, layer, slot_index, edits, tok, hp, progress, trace, negat
     snapshot = {k: v.detach().clone() for k, v in slot.state_dict().items()}
     full = collate(edits, _pad_id(tok), device)
     anchors = edit_queries(model, layer, full)[full.anchor_mask]
-    slot.anchors = anchors.detach().clone()
     owner = full.anchor_mask.nonzero()[:, 0].cpu()
+    _check_queries(anchors, owner, slot.edits)
+    slot.anchors = anchors.detach().clone()
     if hp.router == SUBJECT_ROUTER:
         slot.store_subjects(tok, owner)  # slot.edits are the records of ``edits``, in order
     slot.__dict__["_anchor_owners"] = owner  # read by negative_pool once the slot is frozen
@@ -596,6 +597,19 @@ def _target_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.float(), labels)
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                            ignore_index=-100)
+
+
+def _check_queries(anchors: torch.Tensor, owner: torch.Tensor, records: Sequence[Dict]) -> None:
+    """ValueError naming the first edit whose routing query is undefined: a zero vector
+    has no direction (a prompt of padding tokens only, whose embeddings are zero, under
+    ``query_pool: prefix_mean``), and no routing could ever serve it."""
+    finite = torch.isfinite(anchors).all(1).cpu()
+    if bool(finite.all()):
+        return
+    i = int(owner[~finite][0])
+    what = repr(records[i]["prompt"]) if i < len(records) and "prompt" in records[i] else ""
+    raise ValueError(f"edit {i}: prompt {what} gives no routing query (its tokens carry no "
+                     "signal, e.g. padding only); nothing was edited")
 
 
 def _check_finite(loss: torch.Tensor, what: str) -> None:

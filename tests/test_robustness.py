@@ -247,6 +247,21 @@ def test_long_prompt_loses_its_beginning(tiny_models):
     assert produced(model, tok, req)
 
 
+def test_a_prompt_of_padding_only_is_refused_and_changes_nothing(tiny_models):
+    """Found by the fuzz test: the pad token's embedding is zero, so a prompt of padding
+    alone has no prefix-mean query; it used to end as a NaN routing loss."""
+    path = tiny_models("llama")
+    model, tok = load_model(path)
+    apply_lemoe_to_model(model, tok, fact_requests(1), hp_for(path, max_steps=5))
+    before, record = state(model), adaptor_record(model)
+    assert tok(tok.pad_token)["input_ids"][-1] == tok.pad_token_id
+    with pytest.raises(ValueError, match="no routing query"):
+        apply_lemoe_to_model(model, tok, {"prompt": tok.pad_token, "target_new": "0"},
+                             hp_for(path, max_steps=2))
+    assert same_state(before, state(model))
+    assert record == adaptor_record(model)
+
+
 def test_duplicate_edits_are_kept_once(tiny_models):
     path = tiny_models("llama")
     model, tok = load_model(path)
